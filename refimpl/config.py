@@ -1,0 +1,115 @@
+"""The architecture description of a canonical model (docs/format.md, `config.json`).
+
+One `Config` drives the single forward pass: the family only names where the weights
+came from; the fields below (norm, activation, positions, embedding, unembedding)
+select the small per-family pieces.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import FormatError
+
+NORMS = ("layernorm", "rmsnorm")
+ACTS = ("gelu_new", "gelu", "relu", "silu")
+POSITIONS = ("learned", "rope", "sinusoidal")
+HEADS = ("linear", "adaptive")
+
+
+@dataclass
+class Config:
+    family: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_ff: int
+    d_vocab: int
+    n_ctx: int
+    norm: str
+    norm_eps: float
+    act: str
+    positions: str
+    n_kv_heads: int = 0                 # 0 -> n_heads
+    final_norm: bool = True
+    gated_ffn: bool = False
+    rope_theta: float = 10000.0
+    padding_idx: int | None = None       # fairseq: positions start at padding_idx + 1
+    embed_scale: float = 1.0
+    embedding: str = "linear"
+    unembedding: str = "linear"
+    tie_word_embeddings: bool = False
+    adaptive: dict | None = None         # cutoffs, dims, tie_weights, tie_proj
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    prepend_ids: list = field(default_factory=list)
+    special_tokens: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # source, converter, files, ...
+
+    def __post_init__(self):
+        if not self.n_kv_heads:
+            self.n_kv_heads = self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str):
+            if not ok:
+                raise FormatError(f"config.json: {what}")
+        for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "d_vocab", "n_ctx"):
+            v = getattr(self, k)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{k} must be a positive integer, got {v!r}")
+        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        need(self.act in ACTS, f"act must be one of {ACTS}, got {self.act!r}")
+        need(self.positions in POSITIONS, f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        need(self.embedding in HEADS and self.unembedding in HEADS, "embedding/unembedding must be linear or adaptive")
+        need(self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads")
+        need(isinstance(self.norm_eps, (int, float)) and self.norm_eps >= 0, "norm_eps must be a non-negative number")
+        need(self.positions != "rope" or self.d_head % 2 == 0, "rope needs an even d_head")
+        if "adaptive" in (self.embedding, self.unembedding):
+            a = self.adaptive
+            need(isinstance(a, dict) and "cutoffs" in a and "dims" in a, "adaptive needs cutoffs and dims")
+            cut = a["cutoffs"]
+            need(len(cut) == len(a["dims"]) and cut == sorted(cut) and cut[-1] == self.d_vocab and cut[0] > 0,
+                 "adaptive cutoffs must increase and end at d_vocab, one dim per band")
+
+    @property
+    def bands(self) -> list[tuple[int, int]]:
+        """Adaptive bands as [lo, hi) id ranges."""
+        cut = self.adaptive["cutoffs"]
+        return [(0 if c == 0 else cut[c - 1], cut[c]) for c in range(len(cut))]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise FormatError("config.json: not a JSON object")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        try:
+            cfg = cls(**known)
+        except TypeError as e:
+            raise FormatError(f"config.json: missing or invalid field ({e})") from None
+        cfg.extra = {k: v for k, v in d.items() if k not in names}
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+
+def read_config(model_dir: str) -> Config:
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{model_dir}: not a converted model directory (no config.json); "
+                          f"run `refimpl convert` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    if isinstance(d, dict) and d.get("format") not in (None, "refimpl-canonical"):
+        raise FormatError(f"{path}: not a refimpl canonical config (format={d.get('format')!r})")
+    return Config.from_dict(d)

@@ -1,0 +1,146 @@
+"""The one forward pass, residual stream explicit (paper Section 2.1, Eq. 2-10).
+
+    Lin_0  = token embedding (+ position embedding)          Eq. 2  (Lin_i = Lout_{i-1})
+    Lres_i = Lin_i  + ATTN_i                                  Eq. 3
+    Lout_i = Lres_i + FFN_i                                   Eq. 4
+    ATTN_i = sum_h sum_j alpha_h[t, j] v_h[j] O_h + b_O       Eq. 5, 7, 8
+    FFN_i  = sum_k m_i^k fc2_i^k + b_out                      Eq. 6, 9, 10
+
+All three families (GPT-2, Llama, fairseq Baevski-Auli) run through `forward`; what
+differs between them is picked from the config by the small functions
+`embed_tokens`, `embed_positions`, `norm`, `attention` (RoPE or not) and `ffn`
+(plain or gated), like llama2.c keeps one `forward` over one weights struct.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import nn
+from .errors import RefimplError
+from .model import Model
+from .readout import final_log_probs
+from .trace import LayerTrace, Trace
+
+
+# --- family pieces --------------------------------------------------------------------
+
+def embed_tokens(model: Model, ids: np.ndarray) -> np.ndarray:
+    """Token part of Lin_0 [T, d]: W_E[ids] (adaptive input: per band W_E_c[id] @ W_proj_c), times embed_scale."""
+    cfg = model.cfg
+    if cfg.embedding == "linear":
+        x = model.weight("embed.W_E")[ids]                                    # [T, d]
+    else:
+        x = np.zeros((len(ids), cfg.d_model), model.dtype)                   # [T, d]
+        for c, (lo, hi) in enumerate(cfg.bands):
+            sel = (ids >= lo) & (ids < hi)
+            if sel.any():
+                e = model.stored(f"embed.adaptive.{c}.W_E")[ids[sel] - lo].astype(model.dtype)   # [n, d_c]
+                x[sel] = e @ model.weight(f"embed.adaptive.{c}.W_proj")                          # [n, d]
+    return x * cfg.embed_scale if cfg.embed_scale != 1.0 else x
+
+
+def embed_positions(model: Model, ids: np.ndarray) -> np.ndarray | None:
+    """Position part of Lin_0 [T, d] (learned or fairseq sinusoidal); None for RoPE."""
+    cfg, T = model.cfg, len(ids)
+    if cfg.positions == "learned":
+        return model.weight("pos_embed.W_pos")[:T]                            # [T, d]
+    if cfg.positions == "sinusoidal":
+        pad = cfg.padding_idx if cfg.padding_idx is not None else -1
+        pos = nn.fairseq_positions(ids, pad) if cfg.padding_idx is not None else np.arange(T)
+        table = nn.sinusoidal_table(int(pos.max()) + 1, cfg.d_model, cfg.padding_idx)
+        return table[pos].astype(model.dtype)                                 # [T, d]
+    return None
+
+
+def norm(model: Model, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """The family's pre-norm (LayerNorm or RMSNorm) with the block's weights."""
+    return nn.NORMS[model.cfg.norm](x, w, 0.0 if b is None else b, model.cfg.norm_eps)
+
+
+def attention(model: Model, W: dict, x: np.ndarray):
+    """Causal multi-head attention on normalised input x [T, d] (Eq. 5, 7, 8).
+
+    Returns q, k (before RoPE), v [T, H_kv, dh] (bias included), pattern alpha
+    [H, T_query, T_key] and z [T, H, dh] = sum_j alpha[h, t, j] v_{g(h)}[j].
+    """
+    cfg = model.cfg
+    T, H, Hk, dh = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    q = np.einsum("td,hde->the", x, W["attn.W_Q"], optimize=True)         # [T, H, dh]
+    k = np.einsum("td,hde->the", x, W["attn.W_K"], optimize=True)         # [T, H_kv, dh]
+    v = np.einsum("td,hde->the", x, W["attn.W_V"], optimize=True)         # [T, H_kv, dh]
+    if "attn.b_Q" in W:
+        q, k, v = q + W["attn.b_Q"], k + W["attn.b_K"], v + W["attn.b_V"]
+    qr, kr = q, k
+    if cfg.positions == "rope":
+        cos, sin = nn.rope_cos_sin(np.arange(T), dh, cfg.rope_theta, x.dtype)  # [T, dh]
+        qr, kr = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
+    group = np.arange(H) // (H // Hk)                                       # head h reads kv group h // (H/H_kv)
+    scores = np.einsum("the,she->hts", qr, kr[:, group], optimize=True) / np.sqrt(dh)   # [H, T, T]
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    pattern = nn.softmax(scores, axis=-1)                                   # [H, T, T] alpha_h[t, j]
+    z = np.einsum("hts,she->the", pattern, v[:, group], optimize=True)      # [T, H, dh]
+    return q, k, v, pattern, z
+
+
+def ffn(model: Model, W: dict, x: np.ndarray):
+    """FFN coefficients on normalised input x [T, d] (Eq. 9).
+
+    Returns (pre, gate_pre, m): pre = x W_in + b_in [T, F]; for SwiGLU also
+    gate_pre = x W_gate [T, F] and m = silu(gate_pre) * pre; else m = act(pre).
+    """
+    act = nn.ACTS[model.cfg.act]
+    pre = x @ W["mlp.W_in"]                                                 # [T, F]
+    if "mlp.b_in" in W:
+        pre = pre + W["mlp.b_in"]
+    if model.cfg.gated_ffn:
+        gate_pre = x @ W["mlp.W_gate"]                                      # [T, F]
+        return pre, gate_pre, act(gate_pre) * pre
+    return pre, None, act(pre)
+
+
+# --- the loop -------------------------------------------------------------------------
+
+def forward(model: Model, ids) -> Trace:
+    """Run the model on token ids and keep every residual-stream vector."""
+    cfg = model.cfg
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise RefimplError("need a non-empty 1-D sequence of token ids")
+    if ids.min() < 0 or ids.max() >= cfg.d_vocab:
+        raise RefimplError(f"token id {int(ids.max() if ids.max() >= cfg.d_vocab else ids.min())} "
+                           f"out of range (vocabulary has {cfg.d_vocab} tokens)")
+    if len(ids) > cfg.n_ctx:
+        raise RefimplError(f"prompt has {len(ids)} tokens, longer than the model's context of {cfg.n_ctx}")
+
+    tok = embed_tokens(model, ids)                                          # [T, d]
+    pos = embed_positions(model, ids)                                       # [T, d] or None
+    x = tok if pos is None else tok + pos                                   # Eq. 2: Lin_0
+    layers = []
+    for i in range(cfg.n_layers):
+        W = model.block(i)
+        lin = x                                                             # Lin_i = Lout_{i-1}
+        q, k, v, pattern, z = attention(model, W, norm(model, lin, W["ln1.w"], W.get("ln1.b")))
+        attn = np.einsum("the,hed->td", z, W["attn.W_O"], optimize=True)   # [T, d] Eq. 5/7: sum_h z_h O_h
+        if "attn.b_O" in W:
+            attn = attn + W["attn.b_O"]                                     # the attention bias subvalue
+        lres = lin + attn                                                   # Eq. 3
+        pre, gate_pre, m = ffn(model, W, norm(model, lres, W["ln2.w"], W.get("ln2.b")))
+        out = m @ W["mlp.W_out"]                                            # [T, d] Eq. 6/10: sum_k m^k fc2^k
+        if "mlp.b_out" in W:
+            out = out + W["mlp.b_out"]
+        lout = lres + out                                                   # Eq. 4
+        layers.append(LayerTrace(lin=lin, attn=attn, lres=lres, ffn=out, lout=lout, q=q, k=k, v=v,
+                                 pattern=pattern, z=z, pre=pre, gate_pre=gate_pre, m=m))
+        x = lout
+    log_probs, logits = final_log_probs(model, x)
+    return Trace(model=model, ids=ids, embed_tok=tok, embed_pos=pos, layers=layers,
+                 log_probs=log_probs, logits=logits)
+
+
+def run(model: Model, prompt_or_ids) -> Trace:
+    """`refimpl.run`: text is tokenized with the family's start ids; a list of ints is used verbatim."""
+    if isinstance(prompt_or_ids, str):
+        ids = model.encode(prompt_or_ids)
+    else:
+        ids = [int(i) for i in prompt_or_ids]
+    return forward(model, ids)

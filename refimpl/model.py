@@ -1,0 +1,171 @@
+"""A converted model on disk: config, memory-mapped tensors, tokenizer.
+
+`load(path, dtype)` reads only the headers. Weights stay memory-mapped in their stored
+precision; `Model.weight(name)` upcasts one tensor to the compute dtype when the
+forward pass (or an analysis) asks for it. Upcast tensors are kept in a small
+least-recently-used cache (`cache_bytes`, default 1 GiB) so repeated runs on a small
+model do not re-convert, while a model larger than RAM streams layer by layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from .config import Config, read_config
+from .errors import FormatError, RefimplError
+from .safetensors_io import StoredTensor, read_header
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _index_tensors(model_dir: str) -> dict[str, StoredTensor]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{index}: invalid shard index ({e})") from None
+    elif os.path.exists(single):
+        files = ["model.safetensors"]
+    else:
+        raise FormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, StoredTensor] = {}
+    for fname in files:
+        if os.path.basename(fname) != fname:
+            raise FormatError(f"{index}: shard name {fname!r} is not a plain file name")
+        t, _ = read_header(os.path.join(model_dir, fname))
+        tensors.update(t)
+    return tensors
+
+
+class Model:
+    """Weights + config + tokenizer of one canonical model directory."""
+
+    def __init__(self, path: str, cfg: Config, tensors: dict[str, StoredTensor], dtype="float64",
+                 cache_bytes: int = 1 << 30):
+        if dtype not in DTYPES:
+            raise RefimplError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.path, self.cfg, self.tensors = path, cfg, tensors
+        self.dtype = np.dtype(DTYPES[dtype])
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._tokenizer = None
+        self._check_tensors()
+
+    # -- tensors -------------------------------------------------------------------
+    def _resolve(self, name: str) -> tuple[str, bool]:
+        """Map a canonical name to (stored name, transpose?) following the ties of docs/format.md."""
+        cfg = self.cfg
+        if name == "unembed.W_U" and cfg.tie_word_embeddings:
+            return "embed.W_E", True
+        if name.startswith("unembed.adaptive.") and cfg.adaptive:
+            _, _, band, what = name.split(".")
+            if band != "head":
+                if what == "W_U" and cfg.adaptive.get("tie_weights"):
+                    return f"embed.adaptive.{band}.W_E", True
+                if what == "W_proj" and band != "0" and cfg.adaptive.get("tie_proj"):
+                    return f"embed.adaptive.{band}.W_proj", True
+        return name, False
+
+    def has(self, name: str) -> bool:
+        return self._resolve(name)[0] in self.tensors
+
+    def stored(self, name: str) -> np.ndarray:
+        """The stored values (memory map, stored precision; bf16 widened), ties resolved."""
+        src, transpose = self._resolve(name)
+        if src not in self.tensors:
+            raise FormatError(f"{self.path}: tensor {src!r} is missing")
+        a = self.tensors[src].numpy()
+        return a.T if transpose else a
+
+    def weight(self, name: str) -> np.ndarray:
+        """One tensor in the compute dtype (upcast on first use, then cached)."""
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        a = np.asarray(self.stored(name), dtype=self.dtype)
+        if a.nbytes <= self.cache_bytes:
+            self._cache[name] = a
+            self._cached += a.nbytes
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= old.nbytes
+        return a
+
+    def weight_or_zeros(self, name: str, shape: tuple) -> np.ndarray:
+        return self.weight(name) if self.has(name) else np.zeros(shape, self.dtype)
+
+    def block(self, i: int) -> dict[str, np.ndarray]:
+        """All weights of block i in the compute dtype, keyed by the part after `blocks.{i}.`."""
+        if not 0 <= i < self.cfg.n_layers:
+            raise RefimplError(f"layer {i} out of range (model has {self.cfg.n_layers} layers)")
+        prefix = f"blocks.{i}."
+        return {n[len(prefix):]: self.weight(n) for n in self.tensors if n.startswith(prefix)}
+
+    def _check_tensors(self) -> None:
+        c = self.cfg
+        H, Hk, d, dh, F = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff
+        want = {}
+        for i in range(c.n_layers):
+            p = f"blocks.{i}."
+            want.update({p + "ln1.w": (d,), p + "ln2.w": (d,), p + "attn.W_Q": (H, d, dh),
+                         p + "attn.W_K": (Hk, d, dh), p + "attn.W_V": (Hk, d, dh),
+                         p + "attn.W_O": (H, dh, d), p + "mlp.W_in": (d, F), p + "mlp.W_out": (F, d)})
+            if c.gated_ffn:
+                want[p + "mlp.W_gate"] = (d, F)
+        if c.embedding == "linear":
+            want["embed.W_E"] = (c.d_vocab, d)
+        if c.positions == "learned":
+            want["pos_embed.W_pos"] = (c.n_ctx, d)
+        if c.unembedding == "linear":
+            want["unembed.W_U"] = (d, c.d_vocab)
+        if c.final_norm:
+            want["ln_final.w"] = (d,)
+        for name, shape in want.items():
+            src, transpose = self._resolve(name)
+            if src not in self.tensors:
+                raise FormatError(f"{self.path}: tensor {src!r} is missing")
+            got = self.tensors[src].shape[::-1] if transpose else self.tensors[src].shape
+            if tuple(got) != shape:
+                raise FormatError(f"{self.path}: tensor {src!r} has shape {list(got)}, expected {list(shape)}")
+
+    # -- tokenizer -------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+            path = os.path.join(self.path, "tokenizer.json")
+            try:
+                self._tokenizer = Tokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises plain Exception subclasses
+                raise FormatError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize text and put the family's start ids in front (DESIGN.md section 3)."""
+        if not isinstance(text, str) or not text.strip():
+            raise RefimplError("empty prompt")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return list(self.cfg.prepend_ids) + list(ids)
+
+    def token_str(self, i: int) -> str:
+        """How token i reads: its decoded text (falls back to the raw piece)."""
+        s = self.tokenizer.decode([int(i)], skip_special_tokens=False)
+        return s if s else (self.tokenizer.id_to_token(int(i)) or f"<{i}>")
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load(path: str, dtype: str = "float64", cache_bytes: int = 1 << 30) -> Model:
+    """Open a canonical model directory (docs/format.md). Reads headers only."""
+    if not os.path.isdir(path):
+        raise RefimplError(f"{path}: model directory not found")
+    cfg = read_config(path)
+    return Model(path, cfg, _index_tensors(path), dtype=dtype, cache_bytes=cache_bytes)

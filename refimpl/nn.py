@@ -1,0 +1,132 @@
+"""Small pure functions the forward pass is built from (picoGPT style).
+
+Every function takes and returns NumPy arrays and computes in the dtype of its input.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf
+
+
+# --- normalisation --------------------------------------------------------------------
+
+def layer_norm_stats(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation sqrt(var + eps) over the last axis (biased variance)."""
+    mu = x.mean(-1, keepdims=True)                             # [..., 1]
+    sigma = np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)   # [..., 1]
+    return mu, sigma
+
+
+def layer_norm(x, w, b, eps):
+    """LayerNorm: w * (x - mu) / sigma + b (the paper's Eq. 21)."""
+    mu, sigma = layer_norm_stats(x, eps)
+    return w * ((x - mu) / sigma) + b
+
+
+def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
+    """s = sqrt(mean(x^2) + eps) over the last axis."""
+    return np.sqrt((x * x).mean(-1, keepdims=True) + eps)      # [..., 1]
+
+
+def rms_norm(x, w, b, eps):
+    """RMSNorm: w * x / s (b is ignored; RMSNorm has no bias)."""
+    return w * (x / rms_scale(x, eps))
+
+
+NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
+
+
+def norm_stats(kind: str, x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) such that norm(x) = w * (x - mu) / sigma + b; mu = 0 for RMSNorm."""
+    if kind == "layernorm":
+        return layer_norm_stats(x, eps)
+    return np.zeros_like(x[..., :1]), rms_scale(x, eps)
+
+
+# --- activations ----------------------------------------------------------------------
+
+def gelu_new(x):
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gelu(x):
+    """Exact (erf) GELU."""
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+ACTS = {"gelu_new": gelu_new, "gelu": gelu, "relu": relu, "silu": silu}
+
+
+# --- softmax --------------------------------------------------------------------------
+
+def softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    m = x.max(axis, keepdims=True)
+    out = m + np.log(np.exp(x - m).sum(axis, keepdims=True))
+    return out if keepdims else np.squeeze(out, axis)
+
+
+def log_softmax(x, axis=-1):
+    return x - logsumexp(x, axis, keepdims=True)
+
+
+# --- positions ------------------------------------------------------------------------
+
+def rope_cos_sin(positions: np.ndarray, d_head: int, theta: float, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables [T, d_head] of rotary embeddings, half-split layout.
+
+    Frequency i (i < d_head/2) is theta^(-2i/d_head) and is used by dimensions i and
+    i + d_head/2. Computed in float64 whatever the compute dtype.
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, d_head, 2, dtype=np.float64) / d_head)   # [dh/2]
+    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]               # [T, dh/2]
+    ang = np.concatenate([ang, ang], axis=-1)                                      # [T, dh]
+    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate x [T, heads, d_head] by position: x cos + rotate_half(x) sin."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def sinusoidal_table(n: int, dim: int, padding_idx: int | None) -> np.ndarray:
+    """fairseq's SinusoidalPositionalEmbedding table [n, dim] in float64.
+
+    Frequencies exp(-i * log(10000) / (half - 1)), sines then cosines concatenated
+    (not interleaved), a zero column for odd dim, and a zero row at padding_idx.
+    """
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000) / (half - 1)))   # [half]
+    ang = np.arange(n, dtype=np.float64)[:, None] * freq[None, :]                          # [n, half]
+    emb = np.concatenate([np.sin(ang), np.cos(ang)], axis=1)                               # [n, 2*half]
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros((n, 1))], axis=1)
+    if padding_idx is not None:
+        emb[padding_idx] = 0
+    return emb
+
+
+def fairseq_positions(ids: np.ndarray, padding_idx: int) -> np.ndarray:
+    """fairseq's make_positions: non-pad tokens count from padding_idx + 1; pads get padding_idx."""
+    mask = ids != padding_idx
+    return np.cumsum(mask) * mask + padding_idx

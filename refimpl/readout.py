@@ -1,0 +1,192 @@
+"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15; DESIGN.md section 2).
+
+The paper writes p(w | x) = softmax(E x). Real models put a final norm before E; the
+default readout freezes that norm's scale at the analysed position's final residual
+x_f, which keeps every projection linear:
+
+    frozen LayerNorm:  A(v) = W_U^T (gamma * (v - mean v) / sigma_f)      c = W_U^T beta + b_U
+    frozen RMSNorm:    A(v) = W_U^T (gamma * v / s_f)                      c = 0
+    bs(x) = A(x) + c   for a residual state x;   bs-values of a subvalue v = A(v)   (Eq. 15)
+
+so bs(Lout_{L-1}[t]) are exactly the model's logits and the layer scores telescope.
+`raw` is E x with no norm (the paper's equations literally); `lens` applies the final
+norm with each vector's own statistics (the logit lens; not additive).
+
+With fairseq's adaptive softmax (no final norm) the "E" is the head and tail maps of
+docs/format.md; bs-values are the flattened two-level logits and log-probabilities the
+two-level log-softmax.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import nn
+from .errors import RefimplError
+
+READOUTS = ("frozen", "raw", "lens")
+
+
+class Head:
+    """The unembedding E of a model: maps a (normalised) vector y [..., d] to flat scores [..., V]."""
+
+    def __init__(self, model):
+        self.model, cfg = model, model.cfg
+        self.adaptive = cfg.unembedding == "adaptive"
+        if self.adaptive:
+            self.bands = cfg.bands
+            self.n0 = self.bands[0][1]
+
+    def _band_logits(self, y: np.ndarray, c: int) -> np.ndarray:
+        """z_c = y W_proj_c W_U_c [..., n_c] (W_proj_0 may be absent: identity)."""
+        m = self.model
+        proj = f"unembed.adaptive.{c}.W_proj"
+        if m.has(proj):
+            y = y @ m.weight(proj)                                          # [..., d_c]
+        return y @ m.weight(f"unembed.adaptive.{c}.W_U")                    # [..., n_c]
+
+    def bias(self) -> np.ndarray | float:
+        m = self.model
+        return m.weight("unembed.b_U") if not self.adaptive and m.has("unembed.b_U") else 0.0
+
+    def scores(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Linear part: (flat scores [..., V], cluster logits [..., n_bands-1] or None). No bias."""
+        m = self.model
+        if not self.adaptive:
+            return y @ m.weight("unembed.W_U"), None                        # [..., V]
+        cls = y @ m.weight("unembed.adaptive.head.W_cls")                   # [..., n_bands-1]
+        parts = [self._band_logits(y, 0)]
+        for c in range(1, len(self.bands)):
+            parts.append(cls[..., c - 1:c] + self._band_logits(y, c))       # z_cls[c-1] + z_c
+        return np.concatenate(parts, axis=-1), cls
+
+    def log_probs(self, flat: np.ndarray, cls: np.ndarray | None) -> np.ndarray:
+        """Normalised log-probabilities [..., V] from flat scores (+ cluster logits if adaptive)."""
+        if not self.adaptive:
+            return nn.log_softmax(flat)
+        head = nn.log_softmax(np.concatenate([flat[..., :self.n0], cls], axis=-1))   # [..., n0 + n_bands-1]
+        out = [head[..., :self.n0]]
+        for c, (lo, hi) in enumerate(self.bands[1:], start=1):
+            out.append(nn.log_softmax(flat[..., lo:hi]) + head[..., self.n0 + c - 1:self.n0 + c])
+        return np.concatenate(out, axis=-1)
+
+    def log_prob_of(self, y: np.ndarray, w: int) -> np.ndarray:
+        """log p(w | y) [...] computing only what target w needs (one band for adaptive)."""
+        m = self.model
+        if not self.adaptive:
+            z = y @ m.weight("unembed.W_U") + self.bias()                   # [..., V]
+            return z[..., w] - nn.logsumexp(z)
+        cls = y @ m.weight("unembed.adaptive.head.W_cls")                   # [..., n_bands-1]
+        head = np.concatenate([self._band_logits(y, 0), cls], axis=-1)      # [..., n0 + n_bands-1]
+        lse = nn.logsumexp(head)
+        if w < self.n0:
+            return head[..., w] - lse
+        c = next(c for c, (lo, hi) in enumerate(self.bands) if lo <= w < hi)
+        zc = self._band_logits(y, c)
+        lo = self.bands[c][0]
+        return cls[..., c - 1] - lse + zc[..., w - lo] - nn.logsumexp(zc)
+
+
+def final_log_probs(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's own output at residual states X [T, d]: (log-probs [T, V], logits or None)."""
+    cfg = model.cfg
+    y = X
+    if cfg.final_norm:
+        y = nn.NORMS[cfg.norm](X, model.weight("ln_final.w"),
+                               model.weight("ln_final.b") if model.has("ln_final.b") else 0.0, cfg.norm_eps)
+    head = Head(model)
+    flat, cls = head.scores(y)
+    if head.adaptive:
+        return head.log_probs(flat, cls), None
+    logits = flat + head.bias()
+    return nn.log_softmax(logits), logits
+
+
+class Readout:
+    """Vocabulary readout at one analysed position (kind: frozen, raw or lens).
+
+    `bs(v)`        bs-values A(v) of vectors v [..., d] (Eq. 15's linear part)
+    `offset`       c, added for residual states: bs(x) = A(x) + c
+    `log_probs(X)` log p(. | X) for residual states X [..., d]
+    `log_prob(X, w)`, `prob(X, w)` for one target
+    """
+
+    def __init__(self, model, x_final: np.ndarray, kind: str = "frozen"):
+        if kind not in READOUTS:
+            raise RefimplError(f"readout must be one of {', '.join(READOUTS)}, got {kind!r}")
+        self.model, self.kind, cfg = model, kind, model.cfg
+        self.head = Head(model)
+        self.has_norm = cfg.final_norm and kind != "raw"
+        if self.has_norm:
+            self.gamma = model.weight("ln_final.w")
+            self.beta = model.weight("ln_final.b") if model.has("ln_final.b") else None
+            mu, self.scale = nn.norm_stats(cfg.norm, np.asarray(x_final, model.dtype), cfg.norm_eps)  # sigma_f or s_f
+        self.centre = self.has_norm and cfg.norm == "layernorm"
+        self._offset = None
+
+    # -- the linear map A and the offset c --------------------------------------------
+    def normalise(self, V: np.ndarray) -> np.ndarray:
+        """The final-norm step applied to vectors (frozen: fixed scale; lens: own statistics)."""
+        if not self.has_norm:
+            return V
+        if self.kind == "lens":
+            return nn.NORMS[self.model.cfg.norm](V, self.gamma, 0.0 if self.beta is None else self.beta,
+                                                 self.model.cfg.norm_eps)
+        if self.centre:
+            V = V - V.mean(-1, keepdims=True)
+        return self.gamma * (V / self.scale)
+
+    def bs(self, V: np.ndarray) -> np.ndarray:
+        """bs-values [..., V] of vectors [..., d]: A(v) (frozen/raw); the logit lens of v for `lens`."""
+        flat, _ = self.head.scores(self.normalise(np.asarray(V, self.model.dtype)))
+        return flat + self.head.bias() if self.kind == "lens" else flat
+
+    def _state(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(flat, cls) scores of residual states including the offset c."""
+        X = np.asarray(X, self.model.dtype)
+        y = self.normalise(X)
+        if self.kind == "frozen" and self.centre and self.beta is not None:
+            y = y + self.beta
+        flat, cls = self.head.scores(y)
+        return flat + self.head.bias(), cls
+
+    @property
+    def offset(self) -> np.ndarray:
+        """c = W_U^T beta + b_U (frozen LayerNorm), b_U (raw), zeros otherwise."""
+        if self._offset is None:
+            zero = np.zeros(self.model.cfg.d_model, self.model.dtype)
+            self._offset = self._state(zero)[0] if self.kind != "lens" else np.zeros(self.model.cfg.d_vocab)
+        return self._offset
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """bs(x) = A(x) + c of residual states [..., d] (for `lens`: the logit lens)."""
+        return self._state(X)[0]
+
+    def log_probs(self, X: np.ndarray) -> np.ndarray:
+        """log p(. | X) [..., V] for residual states X [..., d]."""
+        return self.head.log_probs(*self._state(X))
+
+    def log_prob(self, X: np.ndarray, w: int) -> np.ndarray:
+        """log p(w | X) [...] for residual states X [..., d]."""
+        X = np.asarray(X, self.model.dtype)
+        y = self.normalise(X)
+        if self.kind == "frozen" and self.centre and self.beta is not None:
+            y = y + self.beta
+        return self.head.log_prob_of(y, int(w))
+
+    def prob(self, X: np.ndarray, w: int) -> np.ndarray:
+        return np.exp(self.log_prob(X, w))
+
+
+def rank_of(scores: np.ndarray, w: int) -> int:
+    """0-based rank of token w when scores are sorted largest first (ties: lower id first)."""
+    s = scores[w]
+    return int((scores > s).sum() + (scores[:w] == s).sum())
+
+
+def top_ids(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Ids of the k largest (or smallest) scores, in order (ties: lower id first)."""
+    n = scores.shape[-1]
+    k = min(k, n)
+    key = -scores if largest else scores
+    cand = np.flatnonzero(key <= np.partition(key, k - 1)[k - 1]) if k < n else np.arange(n)
+    return cand[np.lexsort((cand, key[cand]))][:k]
