@@ -1,0 +1,1 @@
+"""Analysis subcommands of the CLI (locate, ...); registered into refimpl.cli.COMMANDS."""

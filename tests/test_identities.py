@@ -1,0 +1,118 @@
+"""Property tests: every identity of DESIGN.md section 5 on random models of all three families.
+
+float64: 1e-12 relative; float32: float32 rounding (a few hundred ulps of the largest term).
+"""
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import refimpl
+from refimpl import subkeys
+from refimpl.decomposition import layer_vectors
+from tests.helpers import assert_close, random_model
+
+TOL = {"float64": 1e-12, "float32": 3e-5}
+
+
+@st.composite
+def configs(draw):
+    family = draw(st.sampled_from(["gpt2", "llama", "fairseq_lm"]))
+    n_heads = draw(st.sampled_from([1, 2, 4]))
+    d_head = draw(st.sampled_from([2, 4, 8]))
+    sizes = dict(n_layers=draw(st.integers(1, 3)), n_heads=n_heads, d_head=d_head,
+                 d_model=draw(st.sampled_from([8, 16, 24])), d_ff=draw(st.integers(4, 40)),
+                 d_vocab=draw(st.integers(12, 70)), n_ctx=32)
+    if family == "llama":
+        sizes["n_kv_heads"] = draw(st.sampled_from([k for k in (1, 2, 4) if n_heads % k == 0]))
+    if family == "fairseq_lm":
+        V = sizes["d_vocab"]
+        c1 = draw(st.integers(2, V - 4))
+        c2 = draw(st.integers(c1 + 1, V - 1))
+        sizes["cutoffs"] = draw(st.sampled_from([[c1], [c1, c2]]))
+        sizes["d_model"] = 16 * draw(st.integers(1, 2))       # bands of width d/4, d/16
+    dtype = draw(st.sampled_from(["float64", "float32"]))
+    seed = draw(st.integers(0, 3))
+    T = draw(st.integers(1, 7))
+    ids = draw(st.lists(st.integers(0, sizes["d_vocab"] - 1), min_size=T, max_size=T))
+    return family, sizes, dtype, seed, ids
+
+
+def _trace(case):
+    family, sizes, dtype, seed, ids = case
+    model = random_model(family, dtype=dtype, seed=seed, **sizes)
+    return model, refimpl.run(model, ids), TOL[dtype]
+
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(configs())
+def test_subvalues_sum_to_layer_outputs(case):
+    model, tr, tol = _trace(case)
+    for i in range(model.cfg.n_layers):
+        for t in range(tr.T):
+            b = tr.attn_bias_subvalue(i)
+            assert_close(tr.attn_subvalues(i, t, "position").sum(0) + b, tr.ATTN(i)[t], tol, "attn by position")
+            assert_close(tr.attn_subvalues(i, t, "head").sum(0) + b, tr.ATTN(i)[t], tol, "attn by head")
+            assert_close(tr.attn_subvalues(i, t, "head_position").sum((0, 1)) + b, tr.ATTN(i)[t], tol, "attn by head+pos")
+            assert_close(tr.ffn_subvalues(i, t).sum(0) + tr.ffn_bias_subvalue(i), tr.FFN(i)[t], tol, "ffn")
+            assert_close(tr.Lin(i)[t] + tr.ATTN(i)[t], tr.Lres(i)[t], tol, "Eq. 3")
+            assert_close(tr.Lres(i)[t] + tr.FFN(i)[t], tr.Lout(i)[t], tol, "Eq. 4")
+
+
+@SETTINGS
+@given(configs())
+def test_layer_vectors_sum_to_final_residual(case):
+    model, tr, tol = _trace(case)
+    for t in range(tr.T):
+        parts = tr.embedding_parts(t)
+        assert_close(sum(parts.values()), tr.Lin0[t], tol, "embedding parts")
+        vecs = [v for _, v in layer_vectors(tr, t)]
+        assert_close(np.sum(vecs, axis=0), tr.final[t], tol, "Lin_0 + layer vectors")
+
+
+@SETTINGS
+@given(configs())
+def test_frozen_readout_reproduces_model_and_is_additive(case):
+    model, tr, tol = _trace(case)
+    for t in range(tr.T):
+        R = tr.readout(t)
+        assert_close(R.log_probs(tr.final[t]), tr.log_probs[t], tol, "frozen readout of final = model")
+        if tr.logits is not None:
+            assert_close(R.scores(tr.final[t]), tr.logits[t], tol, "bs(final) = logits")
+        vecs = np.array([v for _, v in layer_vectors(tr, t)])
+        assert_close(R.bs(vecs).sum(0) + R.offset, R.scores(tr.final[t]), tol, "bs additivity (Eq. 15)")
+        w = int(np.argmax(tr.log_probs[t]))
+        assert_close(R.log_prob(tr.final[t], w), tr.log_probs[t, w], tol, "single-target log p")
+
+
+@SETTINGS
+@given(configs())
+def test_layer_log_prob_increases_telescope(case):
+    model, tr, tol = _trace(case)
+    t = tr.T - 1
+    R = tr.readout(t)
+    w = int(np.argmax(tr.log_probs[t]))
+    total = 0.0
+    for i in range(model.cfg.n_layers):
+        total += R.log_prob(tr.Lres(i)[t], w) - R.log_prob(tr.Lin(i)[t], w)      # C(ATTN_i)
+        total += R.log_prob(tr.Lout(i)[t], w) - R.log_prob(tr.Lres(i)[t], w)     # C(FFN_i)
+    expect = tr.log_probs[t, w] - R.log_prob(tr.Lin0[t], w)
+    assert abs(total - expect) <= tol * max(1.0, abs(expect)) * 10
+
+
+@SETTINGS
+@given(configs())
+def test_subkey_linearisation_is_exact(case):
+    model, tr, tol = _trace(case)
+    whiches = ["in", "gate"] if model.cfg.gated_ffn else ["in"]
+    for i in range(model.cfg.n_layers):
+        for t in range(tr.T):
+            for which in whiches:
+                pre = tr.layers[i].pre[t] if which == "in" else tr.layers[i].gate_pre[t]
+                terms = subkeys.preactivation(tr, i, t, None, which)
+                assert_close(terms["h"], pre, tol * 10, f"Eq. 23 ({which})")
+                k = int(np.argmax(np.abs(pre)))
+                contrib = subkeys.preactivation_contributions(tr, i, t, k, which)
+                assert abs(sum(v for _, v in contrib) - pre[k]) <= tol * 10 * max(1.0, np.abs(pre).max())
