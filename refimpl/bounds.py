@@ -1,0 +1,174 @@
+"""Sound bounds on the log-probability increase of FFN subvalues (docs/topk.md).
+
+Write log p(w | x) = sum_j [ s_j(x)[w_j] - LSE(s_j(x)) ] over the readout's softmax
+"parts" j (one part for a plain softmax; the head and the target's band for fairseq's
+adaptive softmax), where s_j is linear in x under the frozen (or raw) readout. For a
+vector v added to a base L, with p_j = softmax(s_j(L)) and u_j = s_j(v) (no offset):
+
+    C(v) = sum_j [ u_j[w_j] - log E_{p_j} exp(u_j) ]
+    upper:  log E_p e^u >= p.u                      (Jensen)   =>  C(v) <= g . v
+    lower:  log E_p e^u <= p.u + (max u - min u)^2 / 8   (Hoeffding's lemma)
+
+with g = sum_j N^T S_j^T (e_{w_j} - p_j), one d-vector per base (N: the frozen norm map,
+S_j: the part's linear map). For an FFN subvalue v = m_k fc2_k the score range is
+|m_k| * range(s_j(N1(fc2_k))) / scale, where N1 is the norm map at unit scale: the
+per-neuron ranges depend on the prompt only through the frozen scale, so they are
+computed once per model and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import nn
+from .errors import RefimplError
+from .readout import Readout
+
+RANGE_SAFETY = 1e-9          # ranges are inflated by this relative amount (rounding in their computation)
+
+
+class Part:
+    """One softmax of the readout: scores(y) [..., n] linear in y, target index, adjoint map."""
+
+    def __init__(self, name, scores, adjoint, index):
+        self.name, self.scores, self.adjoint, self.index = name, scores, adjoint, index
+
+
+def parts(R: Readout, w: int) -> list[Part]:
+    head, m = R.head, R.model
+    if not head.adaptive:
+        W = lambda: m.weight("unembed.W_U")                                # [d, V]
+        return [Part("vocab", lambda y: y @ W(), lambda e: W() @ e, w)]
+    n0 = head.n0
+
+    def head_scores(y):
+        return np.concatenate([head._band_logits(y, 0), y @ m.weight("unembed.adaptive.head.W_cls")], -1)
+
+    def head_adj(e):
+        g = m.weight("unembed.adaptive.0.W_U") @ e[..., :n0]
+        if m.has("unembed.adaptive.0.W_proj"):
+            g = m.weight("unembed.adaptive.0.W_proj") @ g
+        return g + m.weight("unembed.adaptive.head.W_cls") @ e[..., n0:]
+
+    if w < n0:
+        return [Part("head", head_scores, head_adj, w)]
+    c = next(c for c, (lo, hi) in enumerate(head.bands) if lo <= w < hi)
+    band = Part(f"band{c}", lambda y: head._band_logits(y, c),
+                lambda e: m.weight(f"unembed.adaptive.{c}.W_proj") @ (m.weight(f"unembed.adaptive.{c}.W_U") @ e),
+                w - head.bands[c][0])
+    return [Part("head", head_scores, head_adj, n0 + c - 1), band]
+
+
+def unit_norm(R: Readout, V: np.ndarray) -> np.ndarray:
+    """N1(V): the frozen norm map at unit scale (gamma * centred V, gamma * V, or V for raw)."""
+    if not R.has_norm:
+        return V
+    if R.centre:
+        V = V - V.mean(-1, keepdims=True)
+    return R.gamma * V
+
+
+def scale(R: Readout) -> float:
+    return float(R.scale[0]) if R.has_norm else 1.0
+
+
+def base_state(R: Readout, base: np.ndarray) -> np.ndarray:
+    """y(L): the normalised state fed to the parts, offsets included (not the b_U bias)."""
+    y = R.normalise(np.asarray(base, R.model.dtype))
+    if R.kind == "frozen" and R.centre and R.beta is not None:
+        y = y + R.beta
+    return y
+
+
+def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
+    """g = sum_j N^T S_j^T (e_{w_j} - p_j) [d]: C(v) <= g . v for every v."""
+    if R.kind == "lens":
+        raise RefimplError("bounds need a linear readout (frozen or raw), not lens")
+    y = base_state(R, base)
+    g = np.zeros(R.model.cfg.d_model, R.model.dtype)
+    for part in parts(R, w):
+        s = part.scores(y)
+        if part.name == "vocab":
+            s = s + R.head.bias()
+        e = -nn.softmax(s)                                                   # -(p)
+        e[part.index] += 1.0                                                 # e_w - p
+        g += part.adjoint(e)
+    if R.has_norm:                                                           # N^T = P D / scale
+        g = R.gamma * g / scale(R)
+        if R.centre:
+            g = g - g.mean()
+    return g
+
+
+# --- per-neuron score ranges, cached on disk ------------------------------------------------
+
+def _cache_path(model, kind: str) -> str:
+    files = model.cfg.extra.get("files") or {}
+    key = hashlib.sha256(json.dumps([files, model.cfg.to_dict().get("d_model"), kind, model.path if not files else ""],
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    local = os.path.join(model.path, "cache")
+    root = local if os.access(model.path, os.W_OK) else os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refimpl")
+    return os.path.join(root, f"ranges-{kind}-{key}.npz")
+
+
+def compute_ranges(R: Readout, chunk: int = 512) -> dict[str, np.ndarray]:
+    """{part name: [n_layers, d_ff]} range of the part scores of N1(fc2_k) for every neuron."""
+    m, cfg = R.model, R.model.cfg
+    names = ["vocab"] if not R.head.adaptive else ["head"] + [f"band{c}" for c in range(1, len(R.head.bands))]
+    out = {n: np.zeros((cfg.n_layers, cfg.d_ff)) for n in names}
+    for i in range(cfg.n_layers):
+        W_out = m.weight(f"blocks.{i}.mlp.W_out")                           # [F, d]
+        for s in range(0, cfg.d_ff, chunk):
+            y = unit_norm(R, W_out[s:s + chunk])                             # [n, d]
+            for n in names:
+                w = 0 if n in ("vocab", "head") else R.head.bands[int(n[4:])][0]
+                sc = parts(R, w)[-1].scores(y)                               # [n, n_part]
+                out[n][i, s:s + chunk] = sc.max(-1) - sc.min(-1)
+    return {n: r * (1 + RANGE_SAFETY) for n, r in out.items()}
+
+
+def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
+    """compute_ranges, loaded from / saved to the model's cache (cache/ beside the model,
+    or ~/.cache/refimpl when the model directory is read-only)."""
+    model = R.model
+    cached = getattr(model, "_range_cache", {})
+    kind = "raw" if not R.has_norm else "frozen"
+    if kind in cached:
+        return cached[kind]
+    path = _cache_path(model, kind)
+    ranges = None
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                ranges = {k: f[k] for k in f.files}
+        except (OSError, ValueError):
+            ranges = None
+    if ranges is None:
+        ranges = compute_ranges(R)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **ranges)
+            os.replace(tmp, path)
+        except OSError:
+            pass                                                            # caching is best effort
+    cached[kind] = ranges
+    model._range_cache = cached
+    return ranges
+
+
+def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = None):
+    """(upper [F], lower [F] or None) on C of every FFN subvalue of layer i at position t."""
+    m = trace.layers[i].m[t]                                                 # [F]
+    g = g_vector(R, trace.layers[i].lres[t], w)
+    upper = m * (trace.model.weight(f"blocks.{i}.mlp.W_out") @ g)            # [F]
+    if ranges is None:
+        return upper, None
+    slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0
+    return upper, upper - slack

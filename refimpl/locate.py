@@ -1,0 +1,173 @@
+"""The main job: locate where a prediction comes from (the paper's pipeline on one prompt).
+
+`locate(model, prompt)` runs the model, picks the target (default: the top-1
+prediction), scores every layer (Section 4.1.1), finds the most significant attention
+subvalues (by source position, heads summed) and FFN subvalues over all layers
+(Section 4.1.2; exact top-K via bounds, see topk.py), gives their vocabulary views
+(Section 4.1.3), counts helpful/unhelpful FFN subvalues per layer (Fig. 6-7) and traces
+what activates the most significant FFN subvalue (Section 4.2). The result is the
+stable JSON contract of `refimpl locate --json`; `format_report` renders it as text.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import tracing
+from .errors import RefimplError
+from .forward import run
+from .readout import rank_of, top_ids
+from .significance import attn_subvalue_significance, layer_significance
+from .topk import ffn_counts, top_ffn_subvalues
+from .vocab import ffn_subvalue_view
+
+N_TOP_TOKENS = 10
+
+
+def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, target_id: int | None = None) -> int:
+    """The target token id: --target-id, a single-token --target, or the top-1 prediction."""
+    if target_id is not None:
+        if not 0 <= int(target_id) < model.cfg.d_vocab:
+            raise RefimplError(f"target id {target_id} out of range (vocabulary has {model.cfg.d_vocab} tokens)")
+        return int(target_id)
+    if target is not None:
+        if target == "":
+            raise RefimplError("empty target")
+        tid = model.tokenizer.token_to_id(target)
+        if tid is not None:
+            return int(tid)
+        enc = model.tokenizer.encode(target, add_special_tokens=False)
+        if len(enc.ids) != 1:
+            pieces = " ".join(f"{t!r}({i})" for t, i in zip(enc.tokens, enc.ids))
+            raise RefimplError(f"target {target!r} is not a single token: it tokenizes as {pieces or 'nothing'}")
+        return int(enc.ids[0])
+    return int(np.argmax(log_probs_t))
+
+
+def resolve_position(trace, position: int | None) -> int:
+    T = trace.T
+    t = T - 1 if position is None else int(position)
+    if not -T <= t < T:
+        raise RefimplError(f"position {position} out of range (prompt has {T} tokens)")
+    return t % T
+
+
+def _top_tokens(model, R, v) -> list[str]:
+    return [model.token_str(i) for i in top_ids(R.bs(v), N_TOP_TOKENS)]
+
+
+def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
+           readout: str = "frozen", exhaustive: bool = False, counts: bool = True) -> dict:
+    t0 = time.perf_counter()
+    trace = run(model, prompt_or_ids)
+    t = resolve_position(trace, position)
+    w = resolve_target(model, trace.log_probs[t], target, target_id)
+    R = trace.readout(t, readout)
+    lp = trace.log_probs[t]
+    result = {
+        "ids": [int(i) for i in trace.ids], "tokens": trace.tokens, "position": t,
+        "target": {"id": w, "token": model.token_str(w), "log_prob": float(lp[w]), "prob": float(np.exp(lp[w])),
+                   "rank": rank_of(lp, w)},
+        "prediction": {"id": int(np.argmax(lp)), "token": model.token_str(int(np.argmax(lp))),
+                       "prob": float(np.exp(lp.max()))},
+        "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
+        "layers": layer_significance(trace, w, t, R),
+    }
+    # attention subvalues by source position, heads summed, over all layers
+    attn = []
+    for i in range(len(trace.layers)):
+        s = attn_subvalue_significance(trace, i, w, t, "position", R)
+        attn += [(float(c), float(p), i, j) for j, (c, p) in enumerate(zip(s["log_prob_increase"], s["prob_increase"]))]
+    attn.sort(key=lambda r: (-r[0], r[2], r[3]))
+    tops = []
+    for c, p, i, j in attn[:top]:
+        v = trace.attn_subvalues(i, t, "position")[j]
+        tops.append({"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
+                     "log_prob_increase": c, "prob_increase": p, "target_rank": rank_of(R.bs(v), w),
+                     "top_tokens": _top_tokens(model, R, v)})
+    ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
+    for i, k, c, p in zip(ffn["layer"], ffn["neuron"], ffn["log_prob_increase"], ffn["prob_increase"]):
+        view = ffn_subvalue_view(trace, int(i), int(k), t, w, R, N_TOP_TOKENS)
+        tops.append({"kind": "ffn", "layer": int(i), "index": int(k), "log_prob_increase": float(c),
+                     "prob_increase": float(p), "target_rank": view["target_rank"],
+                     "target_rank_in_fc2": view["target_rank_in_fc2"], "coefficient": view["coefficient"],
+                     "top_tokens": [x["token"] for x in view["top"]]})
+    result["top_subvalues"] = tops
+    result["ffn_scored"] = int(ffn["scored"])
+    if counts:
+        result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
+    if len(ffn["layer"]):
+        result["activation_trace"] = activation_report(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t, R)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def activation_report(trace, i: int, k: int, t: int, R) -> list[dict]:
+    """Section 4.2 for one FFN subvalue: level-1 contributions per subkey, and level 2 for the
+    attention/FFN vector that contributes most (its top subvalues with their top tokens)."""
+    model, out = trace.model, []
+    for which in tracing.default_which(model):
+        lvl1 = tracing.trace_activation(trace, i, k, t, which)
+        srcs = [c for c in lvl1["contributions"] if c["source"].startswith(("attn.", "ffn."))]
+        if srcs:
+            sign = 1.0 if lvl1["pre_activation"] >= 0 else -1.0              # the direction that drives h
+            best = max(srcs, key=lambda c: sign * c["value"])
+            lvl2 = tracing.trace_source(trace, i, k, best["source"], t, which, "position")
+            order = np.argsort(-sign * lvl2["values"], kind="stable")[:5]
+            labels, vals = lvl2["labels"], lvl2["values"]
+            _, sv = tracing.source_subvalues(trace, best["source"], t)
+            lvl1["top_source"] = {"source": best["source"], "subvalues": [
+                {"label": labels[j], "value": float(vals[j]),
+                 "top_tokens": [model.token_str(x) for x in top_ids(R.bs(sv[j]), 5)]} for j in order]}
+        out.append(lvl1)
+    return out
+
+
+# --- text report -------------------------------------------------------------------------
+
+def format_report(r: dict) -> str:
+    tgt, lines = r["target"], []
+    lines.append("prompt tokens: " + " ".join(f"[{i}]{tok!r}" for i, tok in zip(r["ids"], r["tokens"])))
+    lines.append(f"analysed position: {r['position']} ({r['tokens'][r['position']]!r}); readout: {r['readout']}; "
+                 f"dtype {r['dtype']}")
+    lines.append(f"prediction: {r['prediction']['token']!r} p={r['prediction']['prob']:.4f}")
+    lines.append(f"target: {tgt['token']!r} (id {tgt['id']}) log p={tgt['log_prob']:.4f} p={tgt['prob']:.4f} rank {tgt['rank']}")
+    lines.append("")
+    lines.append("layer significance for the target (log-probability increase / probability increase):")
+    lines.append(f"{'layer':>5}  {'attn logp':>10} {'attn p':>9}  {'ffn logp':>10} {'ffn p':>9}")
+    for L in r["layers"]:
+        a, f = L["attn"], L["ffn"]
+        lines.append(f"{L['layer']:>5}  {a['log_prob_increase']:>10.4f} {a['prob_increase']:>9.4f}  "
+                     f"{f['log_prob_increase']:>10.4f} {f['prob_increase']:>9.4f}")
+    for kind, title in (("attn", "attention subvalues (layer, source position; heads summed)"),
+                        ("ffn", "FFN subvalues (layer, neuron)")):
+        lines.append("")
+        lines.append(f"top {title}:")
+        for s in (x for x in r["top_subvalues"] if x["kind"] == kind):
+            where = f"L{s['layer']} pos {s['index']} {s['source_token']!r}" if kind == "attn" \
+                else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}"
+            extra = f" fc2-rank {s['target_rank_in_fc2']}" if kind == "ffn" else ""
+            lines.append(f"  {where:<28} logp {s['log_prob_increase']:+.4f}  p {s['prob_increase']:+.4f}  "
+                         f"target rank {s['target_rank']}{extra}  top: {' '.join(repr(x) for x in s['top_tokens'][:8])}")
+    if "ffn_counts" in r:
+        lines.append("")
+        lines.append("FFN subvalues per layer (activated / helpful / unhelpful; top-10 share of helpful):")
+        for c in r["ffn_counts"]:
+            sh = c["top10_share"]
+            share = f"{sh:.3f}" if isinstance(sh, float) else f"[{sh[0]:.3f}, {sh[1]:.3f}]"
+            lines.append(f"  layer {c['layer']:>3}: {c['activated']:>6} {c['helpful']:>6} {c['unhelpful']:>6}  {share}")
+    for a in r.get("activation_trace", []):
+        lines.append("")
+        lines.append(f"what activates L{a['layer']} n{a['neuron']} ({a['which']} subkey; pre-activation "
+                     f"{a['pre_activation']:+.4f} = sum of):")
+        for c in sorted(a["contributions"], key=lambda c: -abs(c["value"]))[:8]:
+            lines.append(f"  {c['source']:<14} {c['value']:+.4f}")
+        if "top_source" in a:
+            ts = a["top_source"]
+            lines.append(f"  largest source {ts['source']}, by subvalue:")
+            for s in ts["subvalues"]:
+                lines.append(f"    {s['label']:<18} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
+    lines.append("")
+    lines.append(f"({r['ffn_scored']} FFN subvalues scored exactly for the top-K; {r['seconds']:.2f} s)")
+    return "\n".join(lines)

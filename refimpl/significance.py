@@ -1,0 +1,123 @@
+"""Significance of layers and subvalues for a target token (paper Section 3.2, 4.1; Eq. 19).
+
+    C(v) = log p(w | L + v) - log p(w | L)          the log-probability increase
+    P(v) =     p(w | L + v) -     p(w | L)          the probability increase
+
+Bases (DESIGN.md section 1): an attention layer or attention subvalue of layer i is
+scored on top of L = Lin_i, an FFN layer or FFN subvalue on top of L = Lres_i. All
+probabilities are read out with the chosen readout at the analysed position t
+(default: frozen final norm, see readout.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .readout import Readout
+from .errors import RefimplError
+
+CHUNK = 256
+
+
+def as_readout(trace, t: int, readout) -> Readout:
+    return readout if isinstance(readout, Readout) else trace.readout(t, readout)
+
+
+def increases(R: Readout, base: np.ndarray, V: np.ndarray, w: int, chunk: int = CHUNK):
+    """(C, P) [n] of vectors V [n, d] added to base [d] (Eq. 19), in chunks of `chunk` vectors."""
+    V = np.atleast_2d(V)
+    lp0 = float(R.log_prob(base, w))
+    lp = np.concatenate([R.log_prob(base + V[s:s + chunk], w) for s in range(0, len(V), chunk)]) \
+        if len(V) else np.zeros(0)
+    return lp - lp0, np.exp(lp) - np.exp(lp0)
+
+
+def layer_significance(trace, w: int, t: int = -1, readout="frozen") -> list[dict]:
+    """Per layer: C and P of ATTN_i (base Lin_i) and FFN_i (base Lres_i) (Section 4.1.1, Fig. 5)."""
+    R = as_readout(trace, t, readout)
+    out = []
+    for i, L in enumerate(trace.layers):
+        ca, pa = increases(R, L.lin[t], L.attn[t][None], w)
+        cf, pf = increases(R, L.lres[t], L.ffn[t][None], w)
+        out.append({"layer": i,
+                    "attn": {"log_prob_increase": float(ca[0]), "prob_increase": float(pa[0])},
+                    "ffn": {"log_prob_increase": float(cf[0]), "prob_increase": float(pf[0])}})
+    return out
+
+
+def attn_subvalue_significance(trace, i: int, w: int, t: int = -1, by: str = "position", readout="frozen"):
+    """C and P of every attention subvalue of layer i at position t over base Lin_i.
+
+    by="position": [t+1] (heads summed); "head": [H]; "head_position": [H, t+1].
+    Returns dict(log_prob_increase, prob_increase, bias=(C, P) of b_O)."""
+    R = as_readout(trace, t, readout)
+    sv = trace.attn_subvalues(i, t, by)
+    shape = sv.shape[:-1]
+    base = trace.layers[i].lin[t]
+    c, p = increases(R, base, sv.reshape(-1, sv.shape[-1]), w)
+    cb, pb = increases(R, base, trace.attn_bias_subvalue(i)[None], w)
+    return {"log_prob_increase": c.reshape(shape), "prob_increase": p.reshape(shape),
+            "bias": (float(cb[0]), float(pb[0]))}
+
+
+def ffn_subvalue_significance(trace, i: int, w: int, t: int = -1, neurons=None, readout="frozen",
+                              chunk: int = CHUNK):
+    """(C, P) of FFN subvalues m^k fc2^k of layer i at position t over base Lres_i (Eq. 10, 19).
+
+    All neurons by default, computed chunk by chunk (memory: chunk x V)."""
+    R = as_readout(trace, t, readout)
+    base = trace.layers[i].lres[t]
+    idx = np.arange(trace.model.cfg.d_ff) if neurons is None else np.asarray(neurons, dtype=np.int64)
+    cs, ps = [], []
+    for s in range(0, len(idx), chunk):
+        c, p = increases(R, base, trace.ffn_subvalues(i, t, idx[s:s + chunk]), w, chunk)
+        cs.append(c)
+        ps.append(p)
+    if not cs:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(cs), np.concatenate(ps)
+
+
+def ffn_layer_summary(trace, i: int, w: int, t: int = -1, readout="frozen", scores=None) -> dict:
+    """Fig. 6-7 for one FFN layer: activated (m > 0), helpful (C > 0), unhelpful (C < 0)
+    subvalue counts, and the share of the top-10 helpful ones in the sum over all helpful."""
+    c = ffn_subvalue_significance(trace, i, w, t, readout=readout)[0] if scores is None else scores
+    m = trace.layers[i].m[t]
+    helpful = np.sort(c[c > 0])[::-1]
+    total = float(helpful.sum())
+    return {"layer": i, "activated": int((m > 0).sum()), "helpful": int((c > 0).sum()),
+            "unhelpful": int((c < 0).sum()),
+            "top10_share": float(helpful[:10].sum() / total) if total > 0 else 0.0}
+
+
+def additivity(trace, i: int, w: int, t: int = -1, kind: str = "ffn", k_max: int | None = None,
+               readout="frozen") -> dict:
+    """Section 3.2 / Fig. 3: for the helpful subvalues of a layer sorted by C (largest first),
+    C(v1 + ... + vk) against C(v1) + ... + C(vk), for log-probability and probability."""
+    R = as_readout(trace, t, readout)
+    if kind == "ffn":
+        base, sv = trace.layers[i].lres[t], trace.ffn_subvalues(i, t)
+    elif kind == "attn":
+        base, sv = trace.layers[i].lin[t], trace.attn_subvalues(i, t, "position")
+    else:
+        raise RefimplError(f"kind must be 'ffn' or 'attn', got {kind!r}")
+    c, p = increases(R, base, sv, w)
+    order = np.argsort(-c, kind="stable")
+    order = order[c[order] > 0][:k_max]
+    cum = np.cumsum(sv[order], axis=0)                                      # [k, d] v1 + ... + vk
+    c_sum, p_sum = increases(R, base, cum, w)
+    return {"indices": order, "sum_of_log_prob_increases": np.cumsum(c[order]),
+            "log_prob_increase_of_sum": c_sum, "sum_of_prob_increases": np.cumsum(p[order]),
+            "prob_increase_of_sum": p_sum}
+
+
+def f_curves(R: Readout, base: np.ndarray, w: int, ls: np.ndarray) -> dict:
+    """Fig. 2: how p(w) and log p(w) change when w's bs-value alone is raised by l.
+
+    With z = bs(base), F_logp(l) = log p_{z + l e_w}(w) - log p_z(w) and F_p likewise:
+    log-probability increase is close to linear and monotone in l, probability increase
+    is sigmoid-shaped (the paper's argument for scoring by log-probability)."""
+    lp0 = float(R.log_prob(base, w))
+    z_w, others = lp0, np.log1p(-np.exp(lp0)) if lp0 < 0 else -np.inf      # log p(w), log(1 - p(w))
+    ls = np.asarray(ls, dtype=np.float64)
+    new = (z_w + ls) - np.logaddexp(z_w + ls, others)                       # log p after adding l to w's logit
+    return {"l": ls, "log_prob_increase": new - lp0, "prob_increase": np.exp(new) - np.exp(lp0)}

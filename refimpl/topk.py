@@ -1,0 +1,117 @@
+"""Exact top-K FFN subvalues over all layers without scoring every subvalue (docs/topk.md).
+
+Branch and bound on the upper bound of bounds.py: visit neurons in decreasing upper
+bound, score them exactly, and stop as soon as the next upper bound is below the K-th
+best exact score found so far: no unvisited neuron can enter the top-K. Helpful /
+unhelpful counts are decided by the bounds (lower > 0: helpful; upper < 0: unhelpful;
+m = 0: exactly zero) and only the undecided neurons are scored. `exhaustive=True`
+scores every neuron by brute force (chunked) and is the reference the fast path is
+tested against.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import bounds
+from .significance import as_readout, ffn_subvalue_significance
+
+DECIDE_MARGIN = 1e-9      # bounds decide a sign only when they clear zero by this much (absolute)
+
+
+def _sort_key(c: np.ndarray, layer: np.ndarray, neuron: np.ndarray) -> np.ndarray:
+    return np.lexsort((neuron, layer, -c))
+
+
+def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
+                      batch: int = 64) -> dict:
+    """The k FFN subvalues with the largest log-probability increase over all layers.
+
+    Returns {"layer", "neuron", "log_prob_increase", "prob_increase"} arrays (best first)
+    and "scored": how many subvalues were scored exactly."""
+    R = as_readout(trace, t, readout)
+    L = len(trace.layers)
+    if exhaustive or R.kind == "lens":
+        rows = [(i, *ffn_subvalue_significance(trace, i, w, t, readout=R)) for i in range(L)]
+        layer = np.concatenate([np.full(len(c), i) for i, c, _ in rows])
+        neuron = np.concatenate([np.arange(len(c)) for _, c, _ in rows])
+        c = np.concatenate([c for _, c, _ in rows])
+        p = np.concatenate([p for _, _, p in rows])
+        order = _sort_key(c, layer, neuron)[:k]
+        return {"layer": layer[order], "neuron": neuron[order], "log_prob_increase": c[order],
+                "prob_increase": p[order], "scored": len(c)}
+    ups = [bounds.ffn_bounds(trace, i, w, t, R)[0] for i in range(L)]
+    layer = np.concatenate([np.full(len(u), i) for i, u in enumerate(ups)])
+    neuron = np.concatenate([np.arange(len(u)) for u in ups])
+    upper = np.concatenate(ups)
+    visit = np.lexsort((neuron, layer, -upper))
+    got_l, got_n, got_c, got_p = [], [], [], []
+    kth = -np.inf
+    pos = 0
+    while pos < len(visit):
+        if len(got_c) >= k and upper[visit[pos]] < kth:
+            break
+        sel = visit[pos:pos + batch]
+        pos += len(sel)
+        for i in np.unique(layer[sel]):
+            ns = neuron[sel][layer[sel] == i]
+            c, p = ffn_subvalue_significance(trace, int(i), w, t, neurons=ns, readout=R)
+            got_l.append(np.full(len(ns), i))
+            got_n.append(ns)
+            got_c.append(c)
+            got_p.append(p)
+        cc = np.concatenate(got_c)
+        if len(cc) >= k:
+            kth = np.partition(cc, len(cc) - k)[len(cc) - k]
+        got_c = [cc]
+        got_l, got_n, got_p = [np.concatenate(got_l)], [np.concatenate(got_n)], [np.concatenate(got_p)]
+    lay, neu, c, p = got_l[0], got_n[0], got_c[0], got_p[0]
+    order = _sort_key(c, lay, neu)[:k]
+    return {"layer": lay[order], "neuron": neu[order], "log_prob_increase": c[order],
+            "prob_increase": p[order], "scored": len(c)}
+
+
+def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = False) -> list[dict]:
+    """Per layer: activated (m > 0), helpful (C > 0), unhelpful (C < 0) subvalue counts (Fig. 6),
+    exact; plus the top-10 share of helpful C (Fig. 7): exact with exhaustive, otherwise
+    bracketed by the bounds as [lo, hi]."""
+    R = as_readout(trace, t, readout)
+    out = []
+    ranges = None if (exhaustive or R.kind == "lens") else bounds.neuron_ranges(R)
+    for i, Ltr in enumerate(trace.layers):
+        m = Ltr.m[t]
+        if ranges is None:
+            c = ffn_subvalue_significance(trace, i, w, t, readout=R)[0]
+            helpful = np.sort(c[c > 0])[::-1]
+            share = float(helpful[:10].sum() / helpful.sum()) if len(helpful) else 0.0
+            out.append({"layer": i, "activated": int((m > 0).sum()), "helpful": int((c > 0).sum()),
+                        "unhelpful": int((c < 0).sum()), "top10_share": share, "scored": len(c)})
+            continue
+        up, lo = bounds.ffn_bounds(trace, i, w, t, R, ranges)
+        zero = m == 0
+        pos_ = (lo > DECIDE_MARGIN) & ~zero
+        neg_ = (up < -DECIDE_MARGIN) & ~zero
+        und = np.flatnonzero(~(pos_ | neg_ | zero))
+        c_und = ffn_subvalue_significance(trace, i, w, t, neurons=und, readout=R)[0]
+        helpful = int(pos_.sum() + (c_und > 0).sum())
+        # top-10 share bracket: exact C of helpful neurons lies in [max(lo, 0), up]
+        lo_h = np.concatenate([np.maximum(lo[pos_], 0), c_und[c_und > 0]])
+        up_h = np.concatenate([up[pos_], c_und[c_und > 0]])
+        out.append({"layer": i, "activated": int((m > 0).sum()), "helpful": helpful,
+                    "unhelpful": int(neg_.sum() + (c_und < 0).sum()),
+                    "top10_share": _share_bracket(lo_h, up_h), "scored": len(und)})
+    return out
+
+
+def _share_bracket(lo: np.ndarray, up: np.ndarray) -> list[float]:
+    """[min, max] of (sum of the 10 largest x) / (sum of x) over x in the box [lo, up]."""
+    if len(lo) == 0:
+        return [0.0, 0.0]
+    if len(lo) <= 10:
+        return [1.0, 1.0]
+    # the share grows with the top values and shrinks with the rest: extremes at box corners
+    hi_top = np.sort(up)[::-1][:10].sum()
+    rest_lo = lo.sum() - np.sort(lo)[::-1][:10].sum()
+    lo_top = np.sort(lo)[::-1][:10].sum()
+    rest_up = up.sum() - np.sort(up)[::-1][:10].sum()
+    return [float(min(1.0, lo_top / max(lo_top + rest_up, 1e-300))),
+            float(min(1.0, hi_top / max(hi_top + rest_lo, 1e-300)))]
