@@ -110,7 +110,7 @@ def cmd_predict(p, args=None):
 # --- entry point ------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_analysis  # noqa: F401  (registers analysis subcommands)
+    from . import cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
     parser = _Parser(prog="refimpl", description="Residual-stream subvalue analysis in pure NumPy.")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, fn) in COMMANDS.items():

@@ -1,0 +1,58 @@
+"""`refimpl dump` and `refimpl compare`: the correctness-oracle workflow (docs/oracle.md)."""
+from __future__ import annotations
+
+import os
+
+from .cli import command
+from .cli_analysis import common, prepare
+from .errors import RefimplError
+
+
+@command("dump", "write every residual-stream vector and decomposition of a run to one safetensors file")
+def cmd_dump(p, args=None):
+    if args is None:
+        common(p)
+        p.add_argument("--out", required=True, help="output .safetensors file")
+        p.add_argument("--no-subvalue-scores", action="store_true",
+                       help="skip scoring every subvalue (the expensive part on large models)")
+        return
+    from .dump import write_dump
+    model, trace, t, w, _ = prepare(args)
+    write_dump(args.out, trace, t, w, args.readout, not args.no_subvalue_scores)
+    print(f"wrote {args.out}: {len(trace.ids)} tokens, {model.cfg.n_layers} layers, {model.dtype}, "
+          f"position {t}, target {model.token_str(w)!r}")
+
+
+@command("compare", "compare two dumps tensor by tensor; exit 1 when a tolerance is exceeded")
+def cmd_compare(p, args=None):
+    if args is None:
+        p.add_argument("a", help="dump A (.safetensors)")
+        p.add_argument("b", help="dump B (.safetensors), the reference for relative differences")
+        p.add_argument("--rtol", type=float, default=1e-10)
+        p.add_argument("--atol", type=float, default=1e-12)
+        return
+    from .dump import compare_files
+    for f in (args.a, args.b):
+        if not os.path.isfile(f):
+            raise RefimplError(f"{f}: no such file")
+    rows, only = compare_files(args.a, args.b, args.rtol, args.atol)
+    if not rows:
+        raise RefimplError("the two files share no tensor names")
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'tensor':<{width}}  {'max abs':>10}  {'max rel':>10}  status")
+    failed = 0
+    for r in rows:
+        if "problem" in r:
+            status, ma, mr = f"FAIL {r['problem']} {r['shape_a']} vs {r['shape_b']}", "-", "-"
+        else:
+            ma, mr = f"{r['max_abs']:.3e}", f"{r['max_rel']:.3e}"
+            status = "ok" if r["ok"] else (f"FAIL first at {tuple(r['first_bad_index'])}: "
+                                           f"{r['values_at_first_bad'][0]:.10g} vs {r['values_at_first_bad'][1]:.10g}")
+        failed += not r.get("ok", False)
+        print(f"{r['name']:<{width}}  {ma:>10}  {mr:>10}  {status}")
+    for k, names in only.items():
+        if names:
+            print(f"{k.replace('_', ' ')}: {len(names)} tensor(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    print(f"{len(rows) - failed}/{len(rows)} shared tensors within rtol={args.rtol:g} atol={args.atol:g}")
+    if failed:
+        raise SystemExit(1)
