@@ -108,7 +108,8 @@ def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
 
 def _cache_path(model, kind: str) -> str:
     files = model.cfg.extra.get("files") or {}
-    key = hashlib.sha256(json.dumps([files, model.cfg.to_dict().get("d_model"), kind, model.path if not files else ""],
+    key = hashlib.sha256(json.dumps([files, model.cfg.to_dict().get("d_model"), kind, model.path if not files else "",
+                                     str(model.dtype)],           # float32 ranges are too coarse for float64
                                     sort_keys=True).encode()).hexdigest()[:24]
     local = os.path.join(model.path, "cache")
     root = local if os.access(model.path, os.W_OK) else os.path.join(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import nn
 from .readout import Readout
 from .errors import RefimplError
 
@@ -28,6 +29,9 @@ def increases(R: Readout, base: np.ndarray, V: np.ndarray, w: int, chunk: int = 
     lp0 = float(R.log_prob(base, w))
     lp = np.concatenate([R.log_prob(base + V[s:s + chunk], w) for s in range(0, len(V), chunk)]) \
         if len(V) else np.zeros(0)
+    # A vector that leaves the state unchanged (m = 0 neurons) scores exactly 0: the batched
+    # product rounds differently from the single-vector one used for lp0 (~1e-15 apart).
+    lp[np.all(base + V == base, axis=-1)] = lp0
     return lp - lp0, np.exp(lp) - np.exp(lp0)
 
 
@@ -116,8 +120,11 @@ def f_curves(R: Readout, base: np.ndarray, w: int, ls: np.ndarray) -> dict:
     With z = bs(base), F_logp(l) = log p_{z + l e_w}(w) - log p_z(w) and F_p likewise:
     log-probability increase is close to linear and monotone in l, probability increase
     is sigmoid-shaped (the paper's argument for scoring by log-probability)."""
-    lp0 = float(R.log_prob(base, w))
-    z_w, others = lp0, np.log1p(-np.exp(lp0)) if lp0 < 0 else -np.inf      # log p(w), log(1 - p(w))
+    lps = R.log_probs(np.asarray(base))                                     # [V]
+    lp0 = float(lps[w])
+    # log(1 - p(w)) from the other tokens' log-probabilities, not from p(w): log1p(-p) loses
+    # all its digits when p(w) is close to 1
+    z_w, others = lp0, float(nn.logsumexp(np.delete(lps, w))) if len(lps) > 1 else -np.inf
     ls = np.asarray(ls, dtype=np.float64)
     new = (z_w + ls) - np.logaddexp(z_w + ls, others)                       # log p after adding l to w's logit
     return {"l": ls, "log_prob_increase": new - lp0, "prob_increase": np.exp(new) - np.exp(lp0)}

@@ -48,7 +48,7 @@ def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen",
     kth = -np.inf
     pos = 0
     while pos < len(visit):
-        if len(got_c) >= k and upper[visit[pos]] < kth:
+        if sum(map(len, got_c)) >= k and upper[visit[pos]] < kth:       # (got_c holds arrays)
             break
         sel = visit[pos:pos + batch]
         pos += len(sel)

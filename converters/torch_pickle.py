@@ -1,0 +1,632 @@
+"""Read PyTorch checkpoints (.bin/.pt/.pth) without torch and without running their code.
+
+A checkpoint is a Python pickle, and unpickling normally calls whatever the pickle names.
+Here the unpickler's `find_class` resolves names against an explicit allow-list: torch's
+tensor-rebuild functions become `LazyTensor` builders, storage classes and dtypes become
+plain descriptors, a few containers and numpy scalar/array rebuilders get safe stand-ins,
+and configuration objects (argparse.Namespace, omegaconf, fairseq dataclasses, typing)
+become `Inert` records that only hold data. Every other global is refused with a
+`FormatError` before it is imported. Each pickle is first scanned opcode by opcode so that
+length fields and memo indices cannot make the unpickler allocate more than the file holds.
+
+Both container formats are supported (`converters/torch_zip.py`: torch >= 1.6 zip archives;
+`converters/torch_legacy.py`: the older magic-number stream). Tensor data stays on disk
+and is memory-mapped only when `LazyTensor.raw()` / `.numpy()` is called; every tensor's
+offset, shape and strides are checked against its storage, and every storage against the
+bytes present, before anything is mapped or allocated.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import math
+import os
+import pathlib
+import pickle
+import pickletools
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+
+from refimpl.errors import FormatError
+from refimpl.safetensors_io import bf16_to_f32
+
+# torch storage class name -> (safetensors dtype name, little-endian numpy storage dtype).
+STORAGE_DTYPES = {
+    "FloatStorage": ("F32", "<f4"), "HalfStorage": ("F16", "<f2"), "BFloat16Storage": ("BF16", "<u2"),
+    "DoubleStorage": ("F64", "<f8"), "LongStorage": ("I64", "<i8"), "IntStorage": ("I32", "<i4"),
+    "ShortStorage": ("I16", "<i2"), "CharStorage": ("I8", "i1"), "ByteStorage": ("U8", "u1"),
+    "BoolStorage": ("BOOL", "?"), "UntypedStorage": ("U8", "u1"),
+}
+# torch dtype attribute name -> storage class name of that dtype.
+TORCH_DTYPES = {
+    "float32": "FloatStorage", "float": "FloatStorage", "float16": "HalfStorage", "half": "HalfStorage",
+    "bfloat16": "BFloat16Storage", "float64": "DoubleStorage", "double": "DoubleStorage",
+    "int64": "LongStorage", "long": "LongStorage", "int32": "IntStorage", "int": "IntStorage",
+    "int16": "ShortStorage", "short": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage",
+    "bool": "BoolStorage",
+}
+INERT_NAMES = {"argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
+               "pathlib.PurePath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath"}
+INERT_PREFIXES = ("omegaconf.", "fairseq.", "typing.")
+MAX_NDIM = 64
+MAX_EXPANDED_BYTES = 1 << 30      # a stride-0 view may materialise to more than its storage, up to this
+MAX_PICKLE_BYTES = 1 << 30
+MAX_TEXT_ARG = 1 << 24            # longest newline-terminated opcode argument (protocol-0 text)
+_BUILTIN_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
+                  "int": int, "float": float, "str": str, "bool": bool, "complex": complex}
+
+
+# --------------------------------------------------------------------------- storages, tensors
+
+
+class Storage:
+    """A flat run of elements in a file: `numel` elements of one dtype at byte `offset`.
+
+    A view storage (legacy format only) has `base` set and starts `start` elements into it.
+    `offset` is None until the container has located the data (legacy: after the pickle).
+    """
+
+    __slots__ = ("path", "key", "dtype", "npdtype", "numel", "offset", "base", "start")
+
+    def __init__(self, path, key, dtype, npdtype, numel, offset=None, base=None, start=0):
+        self.path, self.key, self.dtype, self.npdtype = path, key, dtype, npdtype
+        self.numel, self.offset, self.base, self.start = numel, offset, base, start
+
+    def __setstate__(self, state):
+        raise TypeError("a storage cannot be given state")
+
+    def map(self, first: int, count: int) -> np.ndarray:
+        """Elements [first, first + count) of this storage as a read-only memory map."""
+        root, first = self, first
+        while root.base is not None:
+            root, first = root.base, first + root.start
+        label = os.path.basename(root.path)
+        if root.offset is None:
+            raise FormatError(f"{label}: missing storage record for key {root.key!r}")
+        start = root.offset + first * root.npdtype.itemsize
+        end = start + count * root.npdtype.itemsize
+        try:
+            size = os.path.getsize(root.path)
+        except OSError as e:
+            raise FormatError(f"{label}: cannot read ({e.strerror})") from None
+        if end > size:
+            raise FormatError(f"{label}: storage {root.key!r} extends past the end of the file "
+                              f"(byte {end} of {size}); was the file truncated after loading?")
+        return np.memmap(root.path, dtype=root.npdtype, mode="r", offset=start, shape=(count,))
+
+
+class LazyTensor:
+    """A tensor stored in a checkpoint: dtype name, shape and strides into a Storage; no data read yet."""
+
+    __slots__ = ("_storage", "_offset", "shape", "_stride", "dtype")
+
+    def __init__(self, storage: Storage, offset: int, shape: tuple, stride: tuple):
+        self._storage, self._offset, self.shape, self._stride = storage, offset, shape, stride
+        self.dtype = storage.dtype
+
+    def __setstate__(self, state):
+        raise TypeError("a tensor cannot be given state")
+
+    @property
+    def stride(self) -> tuple:
+        return self._stride
+
+    @property
+    def storage_offset(self) -> int:
+        return self._offset
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self._storage.npdtype.itemsize
+
+    def _contiguous(self) -> bool:
+        expect = 1
+        for n, s in zip(reversed(self.shape), reversed(self._stride)):
+            if n != 1 and s != expect:
+                return False
+            expect *= n
+        return True
+
+    def raw(self) -> np.ndarray:
+        """The stored bits (BF16 as uint16): a read-only memory map when contiguous, else a copy."""
+        npdtype = self._storage.npdtype
+        little = npdtype.newbyteorder("<") if npdtype.byteorder == ">" else npdtype
+        if self.numel == 0:
+            return np.zeros(self.shape, little)
+        if self._contiguous():
+            a = self._storage.map(self._offset, self.numel).reshape(self.shape)
+        else:
+            extent = sum((n - 1) * s for n, s in zip(self.shape, self._stride)) + 1
+            base = self._storage.map(self._offset, extent)
+            item = npdtype.itemsize
+            a = np.lib.stride_tricks.as_strided(base, self.shape, [s * item for s in self._stride],
+                                                writeable=False)
+            a = np.ascontiguousarray(a)
+        return a.astype(little) if little is not npdtype else a
+
+    def numpy(self) -> np.ndarray:
+        """A copy of the values; BF16 widened exactly to float32, BOOL normalised to 0/1."""
+        a = self.raw()
+        if self.dtype == "BF16":
+            return bf16_to_f32(a)
+        if self.dtype == "BOOL":
+            return a.view(np.uint8) != 0
+        return np.array(a)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def __repr__(self):
+        return f"LazyTensor(dtype={self.dtype}, shape={self.shape})"
+
+
+def make_tensor(label: str, storage, offset, size, stride) -> LazyTensor:
+    """Validate a tensor's placement in its storage before anything is mapped or allocated."""
+    if not isinstance(storage, Storage):
+        raise FormatError(f"{label}: tensor built from {type(storage).__name__}, not a storage")
+    size, stride = _int_tuple(label, "size", size), _int_tuple(label, "stride", stride)
+    if type(offset) is not int or offset < 0:
+        raise FormatError(f"{label}: tensor has invalid storage offset {str(offset)[:40]}")
+    if len(size) != len(stride) or len(size) > MAX_NDIM:
+        raise FormatError(f"{label}: tensor has {len(size)} sizes and {len(stride)} strides")
+    numel = math.prod(size)
+    extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if numel else offset
+    if extent > storage.numel:
+        raise FormatError(f"{label}: tensor of shape {str(size)[:80]} (offset {offset}, stride {str(stride)[:80]}) "
+                          f"reaches element {extent} of a storage of {storage.numel} elements")
+    if numel > storage.numel and numel * storage.npdtype.itemsize > MAX_EXPANDED_BYTES:
+        raise FormatError(f"{label}: broadcast tensor of shape {str(size)[:80]} would need "
+                          f"{numel * storage.npdtype.itemsize} bytes")
+    return LazyTensor(storage, offset, size, stride)
+
+
+def _int_tuple(label, what, value) -> tuple:
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
+        raise FormatError(f"{label}: tensor {what} {str(value)[:80]} is not a tuple of non-negative integers")
+    return tuple(value)
+
+
+# --------------------------------------------------------------------------- inert stand-ins
+
+
+class Inert:
+    """An object the checkpoint describes but that is never constructed: just its data.
+
+    `obj.name`, `obj["name"]` and `obj.get("name")` look up its attributes (for an omegaconf
+    DictConfig, its content, with nodes unwrapped to their values); `to_dict()` is `to_plain`.
+    The pickled class name is `obj._type_name`, constructor arguments `obj._args`.
+    """
+
+    __slots__ = ("_args", "_kwargs", "_attrs", "_state")
+    _type_name = "Inert"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self._args, self._kwargs, self._attrs, self._state = args, kwargs, {}, None
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+            for part in state:
+                self._attrs.update(part or {})
+        elif isinstance(state, dict):
+            self._attrs.update(state)
+        else:
+            self._state = state
+
+    def __setitem__(self, key, value):
+        self._attrs[key] = value
+
+    def _lookup(self, key):
+        if key in self._attrs:
+            return self._attrs[key]
+        content = self._attrs.get("_content")
+        if isinstance(content, (dict, list)):
+            v = content[key]
+            return v._attrs["_val"] if isinstance(v, Inert) and "_val" in v._attrs else v
+        raise KeyError(key)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self._lookup(name)
+        except (KeyError, IndexError, TypeError):
+            raise AttributeError(f"{self._type_name} has no attribute {name!r}") from None
+
+    def __getitem__(self, key):
+        return self._lookup(key)
+
+    def __contains__(self, key):
+        try:
+            self._lookup(key)
+            return True
+        except (KeyError, IndexError, TypeError):
+            return False
+
+    def get(self, key, default=None):
+        try:
+            return self._lookup(key)
+        except (KeyError, IndexError, TypeError):
+            return default
+
+    def to_dict(self):
+        return to_plain(self)
+
+    def __repr__(self):
+        keys = ", ".join(map(str, self._attrs)) or ", ".join(map(repr, self._args))
+        return f"<Inert {self._type_name}: {keys}>"
+
+
+def to_plain(x):
+    """Recursively replace Inert objects (Namespace, DictConfig, ListConfig, enums, paths) by plain data."""
+    try:
+        return _plain(x, set())
+    except RecursionError:
+        raise FormatError("checkpoint object is nested too deeply to convert to plain data") from None
+
+
+def _plain(x, active: set):
+    if isinstance(x, type) and issubclass(x, Inert):
+        return x._type_name
+    if isinstance(x, PickledArray):
+        return np.asarray(x).view(np.ndarray)
+    if isinstance(x, DTypeStub):
+        return x.dtype
+    if not isinstance(x, (Inert, dict, list, tuple, set, frozenset)):
+        return x
+    if id(x) in active:
+        raise FormatError("checkpoint object graph is cyclic; cannot convert it to plain data")
+    active.add(id(x))
+    try:
+        if isinstance(x, dict):
+            return {k: _plain(v, active) for k, v in x.items()}
+        if isinstance(x, list):
+            return [_plain(v, active) for v in x]
+        if isinstance(x, (tuple, set, frozenset)):
+            return type(x)(_plain(v, active) for v in x)
+        attrs, args = x._attrs, x._args
+        if x._type_name.startswith("pathlib.") and all(isinstance(a, str) for a in args):
+            pure = pathlib.PureWindowsPath if "Windows" in x._type_name else pathlib.PurePosixPath
+            return str(pure(*args))
+        if "_content" in attrs:             # omegaconf DictConfig / ListConfig
+            return _plain(attrs["_content"], active)
+        if "_val" in attrs:                 # omegaconf value node
+            return _plain(attrs["_val"], active)
+        if attrs:                           # Namespace, dataclass-like objects
+            return {k: _plain(v, active) for k, v in attrs.items() if k != "_parent"}
+        if x._state is not None:
+            return _plain(x._state, active)
+        if len(args) == 1:                  # enum member: its value
+            return _plain(args[0], active)
+        return [_plain(a, active) for a in args] if args else x._type_name
+    finally:
+        active.discard(id(x))
+
+
+class _Frozen:
+    """Base of the loader's own descriptors: a pickle's BUILD cannot give them state."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise TypeError(f"{type(self).__name__} cannot be given state")
+
+
+class TorchDType(_Frozen):
+    """A torch dtype named in a pickle (e.g. a config's torch_dtype); `name` like 'float32'."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class StorageType(_Frozen):
+    """A torch storage class named in a pickle, e.g. torch.FloatStorage."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+class _Call(_Frozen):
+    """An allow-listed function as find_class hands it out: callable, but not an attribute target."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+_NDARRAY = StorageType("numpy.ndarray")   # stands for numpy.ndarray as the first argument of _reconstruct
+
+
+class DTypeStub:
+    """numpy.dtype(name, align, copy) from a pickle; its BUILD state may only set the byte order."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+                and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)):
+            raise TypeError("unsupported numpy dtype state")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class PickledArray(np.ndarray):
+    """An ndarray rebuilt from numpy's pickle; only plain numeric data is accepted."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], DTypeStub)):
+            raise TypeError("unsupported numpy array state")
+        _, shape, dt, fortran, data = state
+        dtype = dt.dtype
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        if (not isinstance(shape, tuple) or len(shape) > 32
+                or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(data, bytes)
+                or len(data) != math.prod(shape) * dtype.itemsize):
+            raise TypeError("numpy array state does not match its data")
+        np.ndarray.__setstate__(self, (1, shape, dtype, bool(fortran), data))
+
+
+def _np_dtype(obj, align=False, copy=False):
+    if not isinstance(obj, str) or len(obj) > 4:
+        raise TypeError(f"unsupported numpy dtype {obj!r}")
+    dt = np.dtype(obj)
+    if dt.kind not in "biufc" or dt.fields is not None or dt.subdtype is not None:
+        raise TypeError(f"unsupported numpy dtype {obj!r}")
+    return DTypeStub(dt)
+
+
+def _np_scalar(dtype, data=None):
+    if isinstance(data, str):
+        data = data.encode("latin-1")
+    if not isinstance(dtype, DTypeStub) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise TypeError("unsupported numpy scalar")
+    return np.frombuffer(data, dtype.dtype)[0]
+
+
+def _np_reconstruct(subtype, shape, typecode):
+    if subtype is not _NDARRAY:
+        raise TypeError("numpy _reconstruct of something other than ndarray")
+    return np.ndarray.__new__(PickledArray, (0,), np.int8)
+
+
+def _codecs_encode(obj, encoding="utf-8", errors="strict"):
+    if type(obj) is not str or encoding not in ("latin1", "latin-1"):
+        raise TypeError("_codecs.encode is only allowed for latin1 text")
+    return obj.encode("latin-1")
+
+
+def _empty_bytes(*args):
+    if args:
+        raise TypeError("bytes(...) with arguments is not allowed")
+    return b""
+
+
+def _plain_defaultdict(*args):
+    return {}
+
+
+def _torch_size(dims=()):
+    if not isinstance(dims, (tuple, list)) or len(dims) > MAX_NDIM or not all(type(d) is int for d in dims):
+        raise TypeError("torch.Size of something other than integers")
+    return tuple(dims)
+
+
+def _torch_device(kind, index=None):
+    if not isinstance(kind, str) or not (index is None or type(index) is int):
+        raise TypeError("torch.device of something other than a name and index")
+    return kind if index is None else f"{kind}:{index}"
+
+
+# --------------------------------------------------------------------------- the unpickler
+
+
+class _Window:
+    """File-like view of [start, end) of a buffer for pickletools; readline is bounded."""
+
+    def __init__(self, buf, start, end):
+        self.buf, self.pos, self.end = buf, start, end
+
+    def read(self, n=-1):
+        stop = self.end if n < 0 else min(self.end, self.pos + n)
+        data = bytes(self.buf[self.pos:stop])
+        self.pos = stop
+        return data
+
+    def readline(self):
+        i = self.buf.find(b"\n", self.pos, min(self.end, self.pos + MAX_TEXT_ARG))
+        return self.read(min(self.end - self.pos, MAX_TEXT_ARG) if i < 0 else i + 1 - self.pos)
+
+    def tell(self):
+        return self.pos
+
+
+def scan_pickle(label: str, buf, start: int = 0, end: int | None = None) -> int:
+    """Walk one pickle's opcodes without executing it; return the offset just past its STOP.
+
+    This bounds every length field by the bytes present and every memo index by the opcode
+    count, so the real unpickler can neither allocate huge buffers nor a huge memo.
+    """
+    end = len(buf) if end is None else end
+    end = min(end, start + MAX_PICKLE_BYTES)
+    win = _Window(buf, start, end)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # pickletools warns on odd escapes in protocol-0 strings
+            for count, (op, arg, pos) in enumerate(pickletools.genops(win)):
+                if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"):
+                    if type(arg) is not int or not 0 <= arg <= count:
+                        raise ValueError(f"memo index {arg} out of range")
+                elif op.name in ("EXT1", "EXT2", "EXT4", "PERSID", "NEXT_BUFFER", "READONLY_BUFFER"):
+                    raise ValueError(f"unsupported opcode {op.name}")
+    except (ValueError, OverflowError, UnicodeError, MemoryError) as e:
+        raise FormatError(f"{label}: corrupted or truncated pickle at byte {win.pos} ({e})") from None
+    return win.pos
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler whose globals come only from the allow-list; storages via `storage_loader`."""
+
+    def __init__(self, data: bytes, label: str, storage_loader=None):
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self.label, self.storage_loader = label, storage_loader
+        self._inert: dict[str, type] = {}
+        calls = {
+            "collections.defaultdict": _plain_defaultdict, "builtins.bytes": _empty_bytes,
+            "_codecs.encode": _codecs_encode,
+            "torch._utils._rebuild_tensor": self._rebuild_tensor,
+            "torch._utils._rebuild_tensor_v2": self._rebuild_tensor_v2,
+            "torch._utils._rebuild_parameter": self._rebuild_parameter,
+            "torch._utils._rebuild_parameter_with_state": self._rebuild_parameter,
+            "torch.Size": _torch_size, "torch.device": _torch_device, "numpy.dtype": _np_dtype,
+            "numpy._core.multiarray.scalar": _np_scalar, "numpy._core.multiarray._reconstruct": _np_reconstruct,
+        }
+        self.allowed = {k: _Call(v) for k, v in calls.items()}
+        self.allowed.update({"collections.OrderedDict": OrderedDict, "numpy.ndarray": _NDARRAY})
+        self.allowed.update({f"builtins.{k}": v for k, v in _BUILTIN_TYPES.items()})
+        self.allowed.update({f"torch.{k}": TorchDType(k) for k in TORCH_DTYPES})
+
+    def find_class(self, module, name):
+        if type(module) is not str or type(name) is not str:
+            self.refuse(f"{module}.{name}")
+        # name what plain pickle would import: Python 2 names are mapped as its fix_imports does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module = {"numpy.core.multiarray": "numpy._core.multiarray"}.get(module, module)
+        key = full = f"{module}.{name}"
+        if key in self.allowed:
+            return self.allowed[key]
+        if module in ("torch", "torch.cuda", "torch.storage") and name.endswith("Storage"):
+            if name in STORAGE_DTYPES:
+                return StorageType(name)
+            raise FormatError(f"{self.label}: unsupported tensor storage type '{full}'")
+        if key in INERT_NAMES or key.startswith(INERT_PREFIXES):
+            if key not in self._inert:
+                self._inert[key] = type(name, (Inert,), {"__slots__": (), "_type_name": key})
+            return self._inert[key]
+        self.refuse(full)
+
+    def refuse(self, full):
+        raise FormatError(f"{self.label}: refused to load: checkpoint references forbidden global '{full}'")
+
+    def persistent_load(self, pid):
+        if self.storage_loader is None:
+            raise FormatError(f"{self.label}: unexpected tensor storage reference in a metadata pickle")
+        if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
+            raise FormatError(f"{self.label}: unsupported persistent id {str(pid)[:80]!r} "
+                              "(only tensor storages are supported; whole-module pickles are not)")
+        return self.storage_loader(pid[1:])
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride):
+        return make_tensor(self.label, storage, storage_offset, size, stride)
+
+    def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad,
+                           backward_hooks, metadata=None):
+        if type(requires_grad) is not bool:
+            raise FormatError(f"{self.label}: tensor requires_grad is {type(requires_grad).__name__}, not bool")
+        if metadata and (not isinstance(metadata, dict) or any(metadata.get(k) for k in ("neg", "conj"))):
+            raise FormatError(f"{self.label}: unsupported tensor metadata {str(metadata)[:80]}")
+        return make_tensor(self.label, storage, storage_offset, size, stride)
+
+    def _rebuild_parameter(self, data, requires_grad, backward_hooks, state=None):
+        if not isinstance(data, LazyTensor) or type(requires_grad) is not bool:
+            raise FormatError(f"{self.label}: malformed parameter of {type(data).__name__}")
+        return data
+
+
+def storage_dtype(label: str, storage_type, byteorder: str = "little"):
+    """(safetensors name, numpy dtype) of a pickled storage type."""
+    if isinstance(storage_type, TorchDType):
+        storage_type = StorageType(TORCH_DTYPES[storage_type.name])
+    if not isinstance(storage_type, StorageType):
+        raise FormatError(f"{label}: storage reference has invalid type {type(storage_type).__name__}")
+    name, np_name = STORAGE_DTYPES[storage_type.name]
+    npdtype = np.dtype(np_name)
+    if byteorder == "big" and npdtype.itemsize > 1:
+        npdtype = npdtype.newbyteorder(">")
+    return name, npdtype
+
+
+_DATA_LEAVES = (type(None), bool, int, float, complex, str, bytes, LazyTensor, TorchDType, np.generic, PickledArray,
+                DTypeStub)
+_DATA_TYPES = tuple(_BUILTIN_TYPES.values()) + (OrderedDict,)
+
+
+def check_data(label: str, obj) -> None:
+    """Refuse a result that holds loader internals (a rebuild function, a bare storage...).
+
+    Only a corrupted pickle leaves them in the output, e.g. one whose REDUCE became TUPLE2.
+    """
+    stack, seen = [obj], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or isinstance(x, _DATA_LEAVES):
+            continue
+        seen.add(id(x))
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, Inert):
+            stack.extend((x._args, x._kwargs, x._attrs, x._state))
+        elif not (isinstance(x, type) and (issubclass(x, Inert) or x in _DATA_TYPES)):
+            raise FormatError(f"{label}: corrupted checkpoint pickle (it leaves a bare "
+                              f"{type(x).__name__} where data belongs)")
+
+
+def unpickle(data: bytes, label: str, storage_loader=None):
+    """Scan then unpickle one complete pickle with the allow-list; any failure is a FormatError."""
+    scan_pickle(label, data)
+    try:
+        result = SafeUnpickler(data, label, storage_loader).load()
+    except FormatError:
+        raise
+    except Exception as e:  # anything else a hostile or corrupt pickle provokes
+        raise FormatError(f"{label}: corrupted checkpoint pickle ({type(e).__name__}: {e})"[:400]) from None
+    check_data(label, result)
+    return result
+
+
+def load_torch_file(path):
+    """Load a PyTorch checkpoint (zip or legacy format) as plain data with LazyTensor leaves."""
+    path = os.fspath(path)
+    label = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise FormatError(f"{label}: cannot read ({e.strerror})") from None
+    if not head:
+        raise FormatError(f"{label}: empty file, not a PyTorch checkpoint")
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        from .torch_zip import load_zip
+        return load_zip(path, label)
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        raise FormatError(f"{label}: PyTorch tar checkpoint (torch < 0.4) is not supported")
+    from .torch_legacy import load_legacy
+    return load_legacy(path, label)
