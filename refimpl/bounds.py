@@ -111,10 +111,28 @@ def _cache_path(model, kind: str) -> str:
     key = hashlib.sha256(json.dumps([files, model.cfg.to_dict().get("d_model"), kind, model.path if not files else "",
                                      str(model.dtype)],           # float32 ranges are too coarse for float64
                                     sort_keys=True).encode()).hexdigest()[:24]
-    local = os.path.join(model.path, "cache")
-    root = local if os.access(model.path, os.W_OK) else os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refimpl")
-    return os.path.join(root, f"ranges-{kind}-{key}.npz")
+    return os.path.join(cache_dir(model), f"ranges-{kind}-{key}.npz")
+
+
+def cache_dir(model) -> str:
+    """cache/ beside the model, unless the model is package data or read-only: then the
+    user cache (~/.cache/refimpl, or $XDG_CACHE_HOME/refimpl)."""
+    from .embedded import DATA
+    inside_package = os.path.abspath(model.path).startswith(os.path.abspath(DATA) + os.sep)
+    if os.access(model.path, os.W_OK) and not inside_package:
+        return os.path.join(model.path, "cache")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refimpl")
+
+
+def ranges_cached(R: Readout) -> bool:
+    kind = "raw" if not R.has_norm else "frozen"
+    return kind in getattr(R.model, "_range_cache", {}) or os.path.exists(_cache_path(R.model, kind))
+
+
+def ranges_cost(model) -> float:
+    """Multiply-adds of computing the per-neuron ranges (one exhaustive pass over all neurons)."""
+    c = model.cfg
+    return float(c.n_layers) * c.d_ff * c.d_model * c.d_vocab
 
 
 def compute_ranges(R: Readout, chunk: int = 512) -> dict[str, np.ndarray]:

@@ -138,6 +138,10 @@ def main(argv=None) -> int:
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         return 2
+    except OSError as e:                    # the user's files and disk (permissions, a directory, full disk)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def cmd_locate(p, args=None):
         common(p)
         p.add_argument("--top", type=int, default=10, help="K best subvalues of each kind (default 10)")
         p.add_argument("--exhaustive", action="store_true", help="score every FFN subvalue by brute force")
-        p.add_argument("--no-counts", action="store_true", help="skip the per-layer helpful/unhelpful counts")
+        p.add_argument("--counts", choices=["auto", "yes", "no"], default="auto",
+                       help="per-layer helpful/unhelpful counts (auto: when cheap or prepared)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
         return
     from .locate import format_report, locate
@@ -85,7 +86,7 @@ def cmd_locate(p, args=None):
         from .plots import require_matplotlib
         require_matplotlib()
     r = locate(model, src, target=args.target, target_id=args.target_id, position=args.position, top=args.top,
-               readout=args.readout, exhaustive=args.exhaustive, counts=not args.no_counts)
+               readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts])
     if args.plots:
         from .plots import write_figures
         r["figures"] = write_figures(model, src, r, args.plots)
@@ -300,3 +301,20 @@ def cmd_models(p, args=None):
             c = json.load(f)
         print(f"{n}{' (default)' if n == DEFAULT else ''}: {c['family']}, {c['n_layers']} layers, d_model {c['d_model']}, "
               f"vocabulary {c['d_vocab']}  [{os.path.join(DATA, n)}]")
+
+
+@command("prepare", "precompute the per-neuron score ranges that exact helpful/unhelpful counts need (once per model)")
+def cmd_prepare(p, args=None):
+    if args is None:
+        p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
+        p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"])
+        return
+    import time
+    from . import bounds
+    from .readout import Readout
+    model = open_model(args)
+    t0 = time.perf_counter()
+    R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state
+    bounds.neuron_ranges(R)
+    print(f"per-neuron ranges ready in {bounds.cache_dir(model)} ({time.perf_counter() - t0:.1f} s)")

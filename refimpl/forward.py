@@ -28,7 +28,7 @@ def embed_tokens(model: Model, ids: np.ndarray) -> np.ndarray:
     """Token part of Lin_0 [T, d]: W_E[ids] (adaptive input: per band W_E_c[id] @ W_proj_c), times embed_scale."""
     cfg = model.cfg
     if cfg.embedding == "linear":
-        x = model.weight("embed.W_E")[ids]                                    # [T, d]
+        x = np.asarray(model.stored("embed.W_E")[ids], model.dtype)           # [T, d] only the rows used
     else:
         x = np.zeros((len(ids), cfg.d_model), model.dtype)                   # [T, d]
         for c, (lo, hi) in enumerate(cfg.bands):

@@ -14,15 +14,15 @@ import time
 
 import numpy as np
 
-from . import tracing
+from . import bounds, tracing
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
-from .significance import attn_subvalue_significance, layer_significance
+from .significance import attn_position_significance_all_layers, layer_significance
 from .topk import ffn_counts, top_ffn_subvalues
-from .vocab import ffn_subvalue_view
 
 N_TOP_TOKENS = 10
+AUTO_COUNTS_COST = 1e13     # GPT2-medium: 5e12 (a few minutes once, then cached); Llama-7B: 9e13
 
 
 def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, target_id: int | None = None) -> int:
@@ -58,7 +58,10 @@ def _top_tokens(model, R, v) -> list[str]:
 
 
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
-           readout: str = "frozen", exhaustive: bool = False, counts: bool = True) -> dict:
+           readout: str = "frozen", exhaustive: bool = False, counts="auto") -> dict:
+    """The report as a dict (the `--json` contract). counts: True, False or "auto" (compute the
+    per-layer helpful/unhelpful counts when exhaustive, when the per-neuron ranges are cached, or
+    when computing them costs under AUTO_COUNTS_COST multiply-adds; see `refimpl prepare`)."""
     t0 = time.perf_counter()
     trace = run(model, prompt_or_ids)
     t = resolve_position(trace, position)
@@ -74,27 +77,33 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
         "layers": layer_significance(trace, w, t, R),
     }
-    # attention subvalues by source position, heads summed, over all layers
-    attn = []
-    for i in range(len(trace.layers)):
-        s = attn_subvalue_significance(trace, i, w, t, "position", R)
-        attn += [(float(c), float(p), i, j) for j, (c, p) in enumerate(zip(s["log_prob_increase"], s["prob_increase"]))]
-    attn.sort(key=lambda r: (-r[0], r[2], r[3]))
-    tops = []
-    for c, p, i, j in attn[:top]:
-        v = trace.attn_subvalues(i, t, "position")[j]
-        tops.append({"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
-                     "log_prob_increase": c, "prob_increase": p, "target_rank": rank_of(R.bs(v), w),
-                     "top_tokens": _top_tokens(model, R, v)})
+    # attention subvalues by source position, heads summed, over all layers (one batch)
+    ca, pa = attn_position_significance_all_layers(trace, w, t, R)          # [L, t+1]
+    order = np.lexsort((np.arange(ca.size) % ca.shape[1], np.arange(ca.size) // ca.shape[1], -ca.ravel()))[:top]
+    attn = [(i, j) for i, j in (divmod(int(o), ca.shape[1]) for o in order)]
     ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
-    for i, k, c, p in zip(ffn["layer"], ffn["neuron"], ffn["log_prob_increase"], ffn["prob_increase"]):
-        view = ffn_subvalue_view(trace, int(i), int(k), t, w, R, N_TOP_TOKENS)
+    # vocabulary views of all chosen subvalues (and of the bare fc2 rows) in one product
+    vecs = [trace.attn_subvalues(i, t, "position")[j] for i, j in attn]
+    vecs += [trace.ffn_subvalues(int(i), t, [int(k)])[0] for i, k in zip(ffn["layer"], ffn["neuron"])]
+    vecs += [model.weight(f"blocks.{int(i)}.mlp.W_out")[int(k)] for i, k in zip(ffn["layer"], ffn["neuron"])]
+    bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
+    toks = lambda row: [model.token_str(x) for x in top_ids(row, N_TOP_TOKENS)]
+    tops = [{"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
+             "log_prob_increase": float(ca[i, j]), "prob_increase": float(pa[i, j]),
+             "target_rank": rank_of(bs[n], w), "top_tokens": toks(bs[n])} for n, (i, j) in enumerate(attn)]
+    nf = len(ffn["layer"])
+    for n, (i, k, c, p) in enumerate(zip(ffn["layer"], ffn["neuron"], ffn["log_prob_increase"], ffn["prob_increase"])):
+        row, fc2 = bs[len(attn) + n], bs[len(attn) + nf + n]
         tops.append({"kind": "ffn", "layer": int(i), "index": int(k), "log_prob_increase": float(c),
-                     "prob_increase": float(p), "target_rank": view["target_rank"],
-                     "target_rank_in_fc2": view["target_rank_in_fc2"], "coefficient": view["coefficient"],
-                     "top_tokens": [x["token"] for x in view["top"]]})
+                     "prob_increase": float(p), "target_rank": rank_of(row, w), "target_rank_in_fc2": rank_of(fc2, w),
+                     "coefficient": float(trace.layers[int(i)].m[t, int(k)]), "top_tokens": toks(row)})
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
+    if counts == "auto":
+        counts = exhaustive or R.kind == "lens" or bounds.ranges_cached(R) or bounds.ranges_cost(model) <= AUTO_COUNTS_COST
+        if not counts:
+            result["ffn_counts_note"] = ("per-layer counts skipped: run `refimpl prepare --model DIR` once "
+                                         "(computes the per-neuron ranges the exact counts need), or pass --counts")
     if counts:
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
     if len(ffn["layer"]):
@@ -150,6 +159,8 @@ def format_report(r: dict) -> str:
             extra = f" fc2-rank {s['target_rank_in_fc2']}" if kind == "ffn" else ""
             lines.append(f"  {where:<28} logp {s['log_prob_increase']:+.4f}  p {s['prob_increase']:+.4f}  "
                          f"target rank {s['target_rank']}{extra}  top: {' '.join(repr(x) for x in s['top_tokens'][:8])}")
+    if "ffn_counts_note" in r:
+        lines += ["", r["ffn_counts_note"]]
     if "ffn_counts" in r:
         lines.append("")
         lines.append("FFN subvalues per layer (activated / helpful / unhelpful; top-10 share of helpful):")

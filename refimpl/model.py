@@ -19,6 +19,7 @@ from .errors import FormatError, RefimplError
 from .safetensors_io import StoredTensor, read_header
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+PINNED = ("unembed.", "ln_final.")
 
 
 def _index_tensors(model_dir: str) -> dict[str, StoredTensor]:
@@ -90,12 +91,16 @@ class Model:
             self._cache.move_to_end(name)
             return self._cache[name]
         a = np.asarray(self.stored(name), dtype=self.dtype)
+        if name.startswith(PINNED):                 # the readout is used by every analysis: always kept
+            self._cache[name] = a
+            return a
         if a.nbytes <= self.cache_bytes:
             self._cache[name] = a
             self._cached += a.nbytes
-            while self._cached > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= old.nbytes
+            for key in [k for k in self._cache if not k.startswith(PINNED)]:
+                if self._cached <= self.cache_bytes:
+                    break
+                self._cached -= self._cache.pop(key).nbytes
         return a
 
     def weight_or_zeros(self, name: str, shape: tuple) -> np.ndarray:
@@ -139,28 +144,112 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-            path = os.path.join(self.path, "tokenizer.json")
-            try:
-                self._tokenizer = Tokenizer.from_file(path)
-            except Exception as e:  # tokenizers raises plain Exception subclasses
-                raise FormatError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            self._tokenizer = _load_tokenizer(os.path.join(self.path, "tokenizer.json"))
         return self._tokenizer
+
+    def _tok(self, what: str, fn, *args):
+        """Call the tokenizer; its plain Exceptions and Rust panics become one-line FormatErrors."""
+        tok = self.tokenizer
+        try:
+            return fn(tok, *args)
+        except RefimplError:
+            raise
+        except _FATAL:
+            raise
+        except BaseException as e:      # tokenizers: plain Exception, pyo3 PanicException (a BaseException)
+            raise FormatError(f"{os.path.join(self.path, 'tokenizer.json')}: cannot {what} ({_first_line(e)})") from None
 
     def encode(self, text: str) -> list[int]:
         """Tokenize text and put the family's start ids in front (DESIGN.md section 3)."""
         if not isinstance(text, str) or not text.strip():
             raise RefimplError("empty prompt")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False).ids)
+        if not ids and not self.cfg.prepend_ids:
+            raise RefimplError(f"the prompt {text[:60]!r} tokenizes to no tokens")
         return list(self.cfg.prepend_ids) + list(ids)
 
     def token_str(self, i: int) -> str:
         """How token i reads: its decoded text (falls back to the raw piece)."""
-        s = self.tokenizer.decode([int(i)], skip_special_tokens=False)
-        return s if s else (self.tokenizer.id_to_token(int(i)) or f"<{i}>")
+        def f(tok):
+            s = tok.decode([int(i)], skip_special_tokens=False)
+            return s if s else (tok.id_to_token(int(i)) or f"<{i}>")
+        return self._tok("decode a token", f)
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._tok("decode", lambda t: t.decode([int(i) for i in ids], skip_special_tokens=True))
+
+
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+# decoded and encoded once at load, so a tokenizer that fails on ordinary text fails there
+_PROBE = ("Once upon a time, the capital of France is Paris. 12345 \t\n  "
+          + "".join(map(chr, range(0x20, 0x250))) + " 日本語 中文 한국어 Привет שלום مرحبا ☃ 😀 \x00\x7f")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _precompiled_charsmaps(node):
+    """Every `precompiled_charsmap` of a Precompiled normalizer in a tokenizer.json tree."""
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            if x.get("type") == "Precompiled" and "precompiled_charsmap" in x:
+                yield x["precompiled_charsmap"]
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
+def _load_tokenizer(path: str):
+    """Load tokenizer.json; FormatError (never a panic, abort or plain Exception) if it is broken.
+
+    `tokenizers` indexes a Precompiled normalizer's trie unchecked (a panic at encode) and
+    honours `padding: {"Fixed": N}` by allocating N tokens (an abort on a huge N), so
+    charsmaps are checked first, padding and truncation (never wanted here) are switched off,
+    and the result must encode and decode a probe text.
+    """
+    import base64
+    import binascii
+    from tokenizers import Tokenizer
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing (every converted model has a tokenizer.json)") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: not UTF-8 text") from None
+    try:
+        # parsed only when it may name a Precompiled normalizer (also if spelled with \u escapes)
+        tree = json.loads(text) if "Precompiled" in text or "\\u" in text else None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    try:
+        from converters.tokenizers.spm import check_precompiled_charsmap
+        for cm in _precompiled_charsmaps(tree):
+            if not isinstance(cm, str):
+                raise FormatError(f"{path}: precompiled_charsmap is not a base64 string")
+            try:
+                raw = base64.b64decode(cm, validate=True)
+            except (binascii.Error, ValueError):
+                raise FormatError(f"{path}: precompiled_charsmap is not valid base64") from None
+            check_precompiled_charsmap(raw, path)
+        tok = Tokenizer.from_str(text)
+        tok.no_padding()
+        tok.no_truncation()
+        ids = tok.encode(_PROBE, add_special_tokens=False).ids
+        tok.decode(ids, skip_special_tokens=False)
+    except RefimplError:
+        raise
+    except _FATAL:
+        raise
+    except BaseException as e:          # tokenizers: plain Exception, pyo3 PanicException (a BaseException)
+        raise FormatError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
+    return tok
 
 
 def load(path: str, dtype: str = "float64", cache_bytes: int = 1 << 30) -> Model:

@@ -122,6 +122,7 @@ class Readout:
             mu, self.scale = nn.norm_stats(cfg.norm, np.asarray(x_final, model.dtype), cfg.norm_eps)  # sigma_f or s_f
         self.centre = self.has_norm and cfg.norm == "layernorm"
         self._offset = None
+        self._memo: dict = {}
 
     # -- the linear map A and the offset c --------------------------------------------
     def normalise(self, V: np.ndarray) -> np.ndarray:
@@ -166,12 +167,19 @@ class Readout:
         return self.head.log_probs(*self._state(X))
 
     def log_prob(self, X: np.ndarray, w: int) -> np.ndarray:
-        """log p(w | X) [...] for residual states X [..., d]."""
+        """log p(w | X) [...] for residual states X [..., d] (single states are memoised:
+        the same base is scored by many analyses)."""
         X = np.asarray(X, self.model.dtype)
+        key = (int(w), X.tobytes()) if X.ndim == 1 else None
+        if key is not None and key in self._memo:
+            return self._memo[key]
         y = self.normalise(X)
         if self.kind == "frozen" and self.centre and self.beta is not None:
             y = y + self.beta
-        return self.head.log_prob_of(y, int(w))
+        out = self.head.log_prob_of(y, int(w))
+        if key is not None:
+            self._memo[key] = out
+        return out
 
     def prob(self, X: np.ndarray, w: int) -> np.ndarray:
         return np.exp(self.log_prob(X, w))

@@ -60,8 +60,26 @@ class StoredTensor:
         return a if dtype is None else np.asarray(a, dtype=dtype)
 
 
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise FormatError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_header(path: str) -> tuple[dict[str, StoredTensor], dict]:
-    """Parse and validate a safetensors header; return ({name: StoredTensor}, metadata)."""
+    """Parse and validate a safetensors header; return ({name: StoredTensor}, metadata).
+
+    Accepts only what the reference `safetensors` library accepts (no duplicate names, no
+    overlapping tensors, no holes, no trailing bytes, string metadata), so two readers can
+    never disagree about a file's contents; nothing is allocated from header values.
+    """
     name = os.path.basename(path)
     try:
         size = os.path.getsize(path)
@@ -70,39 +88,56 @@ def read_header(path: str) -> tuple[dict[str, StoredTensor], dict]:
             if len(head) < 8:
                 raise FormatError(f"{name}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER:
+                raise FormatError(f"{name}: safetensors header length {n} is absurd (limit {MAX_HEADER})")
+            if 8 + n > size:
                 raise FormatError(f"{name}: safetensors header length {n} exceeds the file size {size}")
             raw = f.read(n)
     except OSError as e:
-        raise FormatError(f"{name}: cannot read ({e.strerror})") from None
+        raise FormatError(f"{name}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{name}: safetensors header is not valid JSON ({e})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except FormatError as e:
+        raise FormatError(f"{name}: safetensors header has a {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{name}: safetensors header is not valid JSON ({msg})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{name}: safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise FormatError(f"{name}: safetensors __metadata__ is not an object")
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{name}: safetensors __metadata__ is not an object of strings")
     data_start, data_len = 8 + n, size - 8 - n
-    tensors = {}
+    tensors, spans = {}, []
     for key, info in header.items():
         try:
-            dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{name}: tensor {key!r} has a malformed header entry") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise FormatError(f"{name}: tensor {key!r} has unsupported dtype {dtype!r}")
-        if not all(isinstance(s, int) and s >= 0 for s in shape) or not (
-                isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= data_len):
+        if not isinstance(shape, list) or len(shape) > 32 or not all(_is_int(s) and s >= 0 for s in shape) \
+                or not (_is_int(a) and _is_int(b) and 0 <= a <= b <= data_len):
             raise FormatError(f"{name}: tensor {key!r} has offsets or shape outside the file")
-        count = 1
+        count = nonzero = 1
         for s in shape:
             count *= s
+            nonzero *= max(s, 1)
+        if nonzero * DTYPES[dtype].itemsize >= 1 << 62:     # numpy refuses such shapes, even empty
+            raise FormatError(f"{name}: tensor {key!r} has an absurd shape {shape}")
         if count * DTYPES[dtype].itemsize != b - a:
             raise FormatError(f"{name}: tensor {key!r} shape {list(shape)} does not match its "
                               f"{b - a} bytes")
-        tensors[key] = StoredTensor(path, dtype, shape, data_start + a, b - a)
+        tensors[key] = StoredTensor(path, dtype, tuple(shape), data_start + a, b - a)
+        spans.append((a, b, key))
+    end = 0
+    for a, b, key in sorted(spans):
+        if a != end:
+            raise FormatError(f"{name}: tensor {key!r} {'overlaps another' if a < end else 'leaves a gap before it'}")
+        end = b
+    if end != data_len:
+        raise FormatError(f"{name}: {data_len - end} bytes after the last tensor (truncated header or trailing data)")
     return tensors, meta
 
 

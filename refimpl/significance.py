@@ -35,17 +35,42 @@ def increases(R: Readout, base: np.ndarray, V: np.ndarray, w: int, chunk: int = 
     return lp - lp0, np.exp(lp) - np.exp(lp0)
 
 
+def state_log_probs(R: Readout, X: np.ndarray, w: int, chunk: int = CHUNK) -> np.ndarray:
+    """log p(w | x) [n] for residual states X [n, d], in chunks (one large product per chunk)."""
+    return np.concatenate([R.log_prob(X[s:s + chunk], w) for s in range(0, len(X), chunk)]) \
+        if len(X) else np.zeros(0)
+
+
 def layer_significance(trace, w: int, t: int = -1, readout="frozen") -> list[dict]:
-    """Per layer: C and P of ATTN_i (base Lin_i) and FFN_i (base Lres_i) (Section 4.1.1, Fig. 5)."""
+    """Per layer: C and P of ATTN_i (base Lin_i) and FFN_i (base Lres_i) (Section 4.1.1, Fig. 5).
+
+    Lres_i = Lin_i + ATTN_i and Lout_i = Lres_i + FFN_i are the forward pass's own sums, so
+    scoring the 2L+1 states once gives every layer's increase (and they telescope exactly)."""
     R = as_readout(trace, t, readout)
-    out = []
-    for i, L in enumerate(trace.layers):
-        ca, pa = increases(R, L.lin[t], L.attn[t][None], w)
-        cf, pf = increases(R, L.lres[t], L.ffn[t][None], w)
-        out.append({"layer": i,
-                    "attn": {"log_prob_increase": float(ca[0]), "prob_increase": float(pa[0])},
-                    "ffn": {"log_prob_increase": float(cf[0]), "prob_increase": float(pf[0])}})
-    return out
+    L = len(trace.layers)
+    X = np.array([trace.Lin0[t]] + [s[t] for Lt in trace.layers for s in (Lt.lres, Lt.lout)])   # [2L+1, d]
+    lp = state_log_probs(R, X, w)                    # lp[2i] = Lin_i, lp[2i+1] = Lres_i, lp[2i+2] = Lout_i
+    p = np.exp(lp)
+    return [{"layer": i,
+             "attn": {"log_prob_increase": float(lp[2 * i + 1] - lp[2 * i]), "prob_increase": float(p[2 * i + 1] - p[2 * i])},
+             "ffn": {"log_prob_increase": float(lp[2 * i + 2] - lp[2 * i + 1]), "prob_increase": float(p[2 * i + 2] - p[2 * i + 1])}}
+            for i in range(L)]
+
+
+def attn_position_significance_all_layers(trace, w: int, t: int = -1, readout="frozen"):
+    """C and P [L, t+1] of every attention subvalue by source position (heads summed) of every
+    layer, scored in one batch (what `locate` ranks)."""
+    R = as_readout(trace, t, readout)
+    rows, bases = [], []
+    for i, Lt in enumerate(trace.layers):
+        rows.append(Lt.lin[t] + trace.attn_subvalues(i, t, "position"))      # [t+1, d]
+        bases.append(Lt.lin[t])
+    n = rows[0].shape[0] if rows else 0
+    lp = state_log_probs(R, np.concatenate(rows + [np.array(bases)]), w)
+    lp, lp0 = lp[:-len(bases)].reshape(len(bases), n), lp[-len(bases):, None]
+    sv_zero = np.array([np.all(r == b, axis=-1) for r, b in zip(rows, bases)])
+    lp = np.where(sv_zero, lp0, lp)                                          # exact zeros, as in `increases`
+    return lp - lp0, np.exp(lp) - np.exp(lp0)
 
 
 def attn_subvalue_significance(trace, i: int, w: int, t: int = -1, by: str = "position", readout="frozen"):
