@@ -178,7 +178,7 @@ def format_report(r: dict) -> str:
             ts = a["top_source"]
             lines.append(f"  largest source {ts['source']}, by subvalue:")
             for s in ts["subvalues"]:
-                lines.append(f"    {s['label']:<18} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
+                lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
     lines.append("")
     lines.append(f"({r['ffn_scored']} FFN subvalues scored exactly for the top-K; {r['seconds']:.2f} s)")
     return "\n".join(lines)
