@@ -22,7 +22,7 @@ import numpy as np
 
 from refimpl.errors import FormatError, RefimplError
 
-from .canonical import Planned
+from .canonical import Planned, write_canonical
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -374,3 +374,25 @@ def detect_hf(src: str, model_type: str) -> bool:
     if not isinstance(cfg, dict):
         return has_weight_files(src) and not os.path.exists(os.path.join(src, "params.json"))
     return cfg.get("model_type") == model_type
+
+
+def finish(src: str, dst: str, hf: dict, cfg: dict, w: "Weights", add, plan: list, embed_key: str,
+           family: str, fmt: str, tokenizer: str | None, force: bool) -> str:
+    """The part every HF converter ends with: the (un)tied unembedding (an lm_head that differs
+    from the embedding is written as unembed.W_U), the tokenizer, special tokens, and writing."""
+    V, d = cfg["d_vocab"], cfg["d_model"]
+    if "lm_head.weight" in w:
+        w.check_shape("lm_head.weight", (V, d))
+        tied = w.same("lm_head.weight", embed_key)
+    elif cfg["tie_word_embeddings"]:
+        tied = True
+    else:
+        raise FormatError(f"{w.where()}: tie_word_embeddings is false but there is no lm_head.weight")
+    cfg["tie_word_embeddings"] = tied
+    if not tied:
+        add("unembed.W_U", "lm_head.weight", (V, d), (d, V), lambda a: a.T)
+    tok_json, specials, tok_files = hf_tokenizer(src, family, tokenizer)
+    check_tokenizer_fits(tok_json, V, src)
+    cfg["special_tokens"] = special_tokens(hf, specials, V)
+    sources = [os.path.join(src, "config.json")] + ([w.index] if w.index else []) + list(w.files) + tok_files
+    return write_canonical(dst, cfg, plan, tok_json, sources=sources, source_format=fmt, force=force)

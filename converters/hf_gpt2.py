@@ -20,10 +20,9 @@ import re
 
 from refimpl.errors import FormatError
 
-from .canonical import write_canonical
 from .common import bias_to_heads, linear_to_heads, out_to_heads
-from .hf_common import (cfg_bool, cfg_float, cfg_int, check_tokenizer_fits, detect_hf, hf_tokenizer,
-                        open_weights, planned, read_hf_config, special_tokens)
+from .hf_common import (cfg_bool, cfg_float, cfg_int, detect_hf, finish, open_weights, planned,
+                        read_hf_config)
 
 FORMAT = "hf-gpt2"
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -107,19 +106,4 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
     add("ln_final.w", "ln_f.weight", (d,), (d,))
     add("ln_final.b", "ln_f.bias", (d,), (d,))
 
-    if "lm_head.weight" in w:
-        w.check_shape("lm_head.weight", (V, d))
-        tied = w.same("lm_head.weight", "wte.weight")
-    elif cfg["tie_word_embeddings"]:
-        tied = True
-    else:
-        raise FormatError(f"{w.where()}: tie_word_embeddings is false but there is no lm_head.weight")
-    cfg["tie_word_embeddings"] = tied
-    if not tied:
-        add("unembed.W_U", "lm_head.weight", (V, d), (d, V), lambda a: a.T)
-
-    tok_json, specials, tok_files = hf_tokenizer(src, "gpt2", tokenizer)
-    check_tokenizer_fits(tok_json, V, src)
-    cfg["special_tokens"] = special_tokens(hf, specials, V)
-    sources = [os.path.join(src, "config.json")] + ([w.index] if w.index else []) + list(w.files) + tok_files
-    return write_canonical(dst, cfg, plan, tok_json, sources=sources, source_format=FORMAT, force=force)
+    return finish(src, dst, hf, cfg, w, add, plan, "wte.weight", "gpt2", FORMAT, tokenizer, force)
