@@ -14,6 +14,7 @@ to the canonical half-split convention. RMSNorm eps is llama2.c's 1e-5.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import struct
 
@@ -77,7 +78,7 @@ def read_llama2c(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """Header params and {llama2.c name: float32 memmap}. Validates the file size exactly."""
     p, offset, v1 = _read_header(path)
     layout = _layout(p, v1)
-    need = offset + 4 * sum(int(np.prod(s)) for _, s in layout)
+    need = offset + 4 * sum(math.prod(s) for _, s in layout)
     size = os.path.getsize(path)
     if size != need:
         raise FormatError(f"{os.path.basename(path)}: llama2.c file is {size} bytes, header implies {need} "
@@ -85,7 +86,7 @@ def read_llama2c(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     arrays, pos = {}, offset
     for name, shape in layout:
         arrays[name] = np.memmap(path, dtype="<f4", mode="r", offset=pos, shape=shape)
-        pos += 4 * int(np.prod(shape))
+        pos += 4 * math.prod(shape)
     return p, arrays
 
 
@@ -95,7 +96,15 @@ def detect(src: str) -> bool:
         _read_header(model)
         return True
     except (RefimplError, OSError):
+        pass
+    # a single .bin file that is not a torch file (zip or pickle) can only be llama2.c: claim it,
+    # so that conversion reports what is wrong with its header instead of "unknown format"
+    try:
+        with open(src, "rb") as f:
+            magic = f.read(2)
+    except OSError:
         return False
+    return os.path.isfile(src) and src.endswith(".bin") and magic != b"PK" and not magic.startswith(b"\x80")
 
 
 def _model_file(src: str) -> str:

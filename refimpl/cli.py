@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         print("error: out of memory", file=sys.stderr)
         return 2
     except OSError as e:                    # the user's files and disk (permissions, a directory, full disk)
-        where = f"{e.filename}: " if e.filename else ""
+        where = "".join(f"{f}: " for f in (e.filename, e.filename2) if f)
         print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ select the small per-family pieces.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -57,22 +58,43 @@ class Config:
         def need(ok: bool, what: str):
             if not ok:
                 raise FormatError(f"config.json: {what}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(isinstance(self.family, str), f"family must be a string, got {self.family!r}")
         for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "d_vocab", "n_ctx"):
             v = getattr(self, k)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{k} must be a positive integer, got {v!r}")
+            need(is_int(v) and v > 0, f"{k} must be a positive integer, got {v!r}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.act in ACTS, f"act must be one of {ACTS}, got {self.act!r}")
         need(self.positions in POSITIONS, f"positions must be one of {POSITIONS}, got {self.positions!r}")
         need(self.embedding in HEADS and self.unembedding in HEADS, "embedding/unembedding must be linear or adaptive")
         need(self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads")
-        need(isinstance(self.norm_eps, (int, float)) and self.norm_eps >= 0, "norm_eps must be a non-negative number")
+        need(is_num(self.norm_eps) and self.norm_eps >= 0, "norm_eps must be a non-negative number")
+        need(is_num(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        need(is_num(self.embed_scale), f"embed_scale must be a number, got {self.embed_scale!r}")
+        need(self.padding_idx is None or (is_int(self.padding_idx) and 0 <= self.padding_idx < 1 << 31),
+             f"padding_idx must be null or a non-negative integer, got {self.padding_idx!r}")
+        for k in ("final_norm", "gated_ffn", "tie_word_embeddings", "attn_bias", "mlp_bias"):
+            need(isinstance(getattr(self, k), bool), f"{k} must be true or false, got {getattr(self, k)!r}")
+        need(isinstance(self.prepend_ids, list) and all(is_int(i) and 0 <= i < self.d_vocab for i in self.prepend_ids),
+             f"prepend_ids must be a list of token ids below d_vocab, got {self.prepend_ids!r}")
+        need(isinstance(self.special_tokens, dict), "special_tokens must be an object")
         need(self.positions != "rope" or self.d_head % 2 == 0, "rope needs an even d_head")
         if "adaptive" in (self.embedding, self.unembedding):
             a = self.adaptive
             need(isinstance(a, dict) and "cutoffs" in a and "dims" in a, "adaptive needs cutoffs and dims")
-            cut = a["cutoffs"]
-            need(len(cut) == len(a["dims"]) and cut == sorted(cut) and cut[-1] == self.d_vocab and cut[0] > 0,
-                 "adaptive cutoffs must increase and end at d_vocab, one dim per band")
+            cut, dims = a["cutoffs"], a["dims"]
+            need(isinstance(cut, list) and isinstance(dims, list) and len(cut) == len(dims) >= 1
+                 and all(is_int(c) for c in cut) and all(is_int(x) and x > 0 for x in dims)
+                 and all(x < y for x, y in zip(cut, cut[1:])) and cut[-1] == self.d_vocab and cut[0] > 0,
+                 "adaptive cutoffs must increase and end at d_vocab, one positive dim per band")
+            for k in ("tie_weights", "tie_proj"):
+                need(isinstance(a.get(k, False), bool), f"adaptive {k} must be true or false")
 
     @property
     def bands(self) -> list[tuple[int, int]]:
@@ -108,8 +130,14 @@ def read_config(model_dir: str) -> Config:
     except FileNotFoundError:
         raise FormatError(f"{model_dir}: not a converted model directory (no config.json); "
                           f"run `refimpl convert` first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: invalid JSON ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     if isinstance(d, dict) and d.get("format") not in (None, "refimpl-canonical"):
         raise FormatError(f"{path}: not a refimpl canonical config (format={d.get('format')!r})")
-    return Config.from_dict(d)
+    try:
+        return Config.from_dict(d)
+    except FormatError as e:            # name the file, not just "config.json"
+        msg = str(e)
+        raise FormatError(f"{path}: {msg[len('config.json: '):] if msg.startswith('config.json: ') else msg}") from None

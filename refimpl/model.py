@@ -114,31 +114,61 @@ class Model:
         return {n[len(prefix):]: self.weight(n) for n in self.tensors if n.startswith(prefix)}
 
     def _check_tensors(self) -> None:
+        """Every tensor the forward pass reads exists (or is optional) with the shape the config implies."""
         c = self.cfg
-        H, Hk, d, dh, F = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff
-        want = {}
-        for i in range(c.n_layers):
-            p = f"blocks.{i}."
-            want.update({p + "ln1.w": (d,), p + "ln2.w": (d,), p + "attn.W_Q": (H, d, dh),
-                         p + "attn.W_K": (Hk, d, dh), p + "attn.W_V": (Hk, d, dh),
-                         p + "attn.W_O": (H, dh, d), p + "mlp.W_in": (d, F), p + "mlp.W_out": (F, d)})
-            if c.gated_ffn:
-                want[p + "mlp.W_gate"] = (d, F)
+        H, Hk, d, dh, F, V = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff, c.d_vocab
+
+        def check(want: dict, optional: dict = {}, layer: int | None = None) -> None:
+            for name, shape in list(want.items()) + list(optional.items()):
+                src, transpose = self._resolve(name)
+                if src not in self.tensors:
+                    if name in optional:
+                        continue
+                    why = f" (config.json has n_layers={c.n_layers})" if layer is not None and layer > 0 else ""
+                    raise FormatError(f"{self.path}: tensor {src!r} is missing{why}")
+                got = self.tensors[src].shape[::-1] if transpose else self.tensors[src].shape
+                if tuple(got) != shape:
+                    raise FormatError(f"{self.path}: tensor {src!r} has shape {list(got)}, but config.json "
+                                      f"implies {list(shape)}")
+
+        want, opt = {}, {"ln_final.b": (d,), "unembed.b_U": (V,)}
         if c.embedding == "linear":
-            want["embed.W_E"] = (c.d_vocab, d)
+            want["embed.W_E"] = (V, d)
         if c.positions == "learned":
             want["pos_embed.W_pos"] = (c.n_ctx, d)
         if c.unembedding == "linear":
-            want["unembed.W_U"] = (d, c.d_vocab)
+            want["unembed.W_U"] = (d, V)
         if c.final_norm:
             want["ln_final.w"] = (d,)
-        for name, shape in want.items():
-            src, transpose = self._resolve(name)
-            if src not in self.tensors:
-                raise FormatError(f"{self.path}: tensor {src!r} is missing")
-            got = self.tensors[src].shape[::-1] if transpose else self.tensors[src].shape
-            if tuple(got) != shape:
-                raise FormatError(f"{self.path}: tensor {src!r} has shape {list(got)}, expected {list(shape)}")
+        if "adaptive" in (c.embedding, c.unembedding):
+            dims, bands = c.adaptive["dims"], c.bands
+            for k, (lo, hi) in enumerate(bands):
+                if c.embedding == "adaptive":
+                    want[f"embed.adaptive.{k}.W_E"] = (hi - lo, dims[k])
+                    want[f"embed.adaptive.{k}.W_proj"] = (dims[k], d)
+                if c.unembedding == "adaptive":
+                    want[f"unembed.adaptive.{k}.W_U"] = (dims[k], hi - lo)
+                    proj = f"unembed.adaptive.{k}.W_proj"
+                    if dims[k] != d:
+                        want[proj] = (d, dims[k])
+                    else:
+                        opt[proj] = (d, dims[k])
+            if c.unembedding == "adaptive":
+                want["unembed.adaptive.head.W_cls"] = (d, len(bands) - 1)
+        check(want, opt)
+        for i in range(c.n_layers):          # layer by layer: an absurd n_layers fails at the first gap
+            p = f"blocks.{i}."
+            want = {p + "ln1.w": (d,), p + "ln2.w": (d,), p + "attn.W_Q": (H, d, dh),
+                    p + "attn.W_K": (Hk, d, dh), p + "attn.W_V": (Hk, d, dh),
+                    p + "attn.W_O": (H, dh, d), p + "mlp.W_in": (d, F), p + "mlp.W_out": (F, d)}
+            opt = {p + "ln1.b": (d,), p + "ln2.b": (d,), p + "attn.b_O": (d,), p + "mlp.b_in": (F,),
+                   p + "mlp.b_out": (d,), p + "mlp.W_gate": (d, F)}
+            qkv = {p + "attn.b_Q": (H, dh), p + "attn.b_K": (Hk, dh), p + "attn.b_V": (Hk, dh)}
+            if c.gated_ffn:
+                want[p + "mlp.W_gate"] = (d, F)
+            if any(n in self.tensors for n in qkv):      # the forward pass adds all three or none
+                want.update(qkv)
+            check(want, opt, i)
 
     # -- tokenizer -------------------------------------------------------------------
     @property
