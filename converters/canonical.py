@@ -46,6 +46,12 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def config_digest(cfg: dict) -> str:
+    """sha256 of config.json's content except this digest itself (so `verify` covers the config too)."""
+    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def check_destination(dst: str, force: bool) -> None:
     """Refuse a non-empty DST unless --force (before any work is done)."""
     if os.path.exists(dst):
@@ -119,6 +125,7 @@ def write_canonical(dst: str, config: dict, plan: list[Planned], tokenizer_json:
             for s in sources]}
         out["converter"] = {"name": "refimpl", "version": CONVERTER_VERSION}
         out["files"] = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        out["config_sha256"] = config_digest(out)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(out, f, indent=1)
         if os.path.exists(dst):

@@ -591,7 +591,7 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
                d_ff=a["F"], d_vocab=V, n_ctx=a["n_ctx"], norm="layernorm", norm_eps=1e-5,
                final_norm=a["final_norm"], act=a["act"], gated_ffn=False,
                positions="learned" if a["learned_pos"] else "sinusoidal", padding_idx=PAD,
-               pos_offset=0 if a["learned_pos"] else PAD + 1, embed_scale=a["embed_scale"],
+               embed_scale=a["embed_scale"],
                embedding="adaptive" if a["adaptive_in"] else "linear",
                unembedding="adaptive" if a["soft_cut"] is not None else "linear",
                tie_word_embeddings=got["tie_word_embeddings"], adaptive=got["adaptive"],

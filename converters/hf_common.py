@@ -291,13 +291,16 @@ def read_tokenizer_json(path: str) -> str:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise FormatError(f"{path}: not UTF-8 text") from None
-    from tokenizers import Tokenizer
-    try:
-        Tokenizer.from_str(text)
-    except Exception as e:  # tokenizers raises plain Exception subclasses
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FormatError(f"{path}: not a loadable tokenizer.json ({msg})") from None
+    from refimpl.model import tokenizer_from_text
+    tokenizer_from_text(text, path)          # FormatError for anything tokenizers would choke on
     return text
+
+
+def check_layer_count(w: "Weights", prefix: str, n_layers: int) -> None:
+    """config.json's layer count must be what the weights hold (checked before any per-layer work)."""
+    found = {k[len(prefix):].split(".", 1)[0] for k in w.keys() if k.startswith(prefix)}
+    if n_layers != len(found):
+        raise FormatError(f"{w.where()}: config.json says {n_layers} layers but the weights hold {len(found)}")
 
 
 def tokenizer_vocab_size(text: str) -> int:

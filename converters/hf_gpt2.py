@@ -21,7 +21,7 @@ import re
 from refimpl.errors import FormatError
 
 from .common import bias_to_heads, linear_to_heads, out_to_heads
-from .hf_common import (cfg_bool, cfg_float, cfg_int, detect_hf, finish, open_weights, planned,
+from .hf_common import (cfg_bool, cfg_float, cfg_int, check_layer_count, detect_hf, finish, open_weights, planned,
                         read_hf_config)
 
 FORMAT = "hf-gpt2"
@@ -69,6 +69,7 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
     w = open_weights(src).strip_prefix(("transformer.",), keep=("lm_head.weight",))
     d, L, H, dh, F, V, P = (cfg[k] for k in ("d_model", "n_layers", "n_heads", "d_head", "d_ff", "d_vocab", "n_ctx"))
 
+    check_layer_count(w, "h.", L)
     known = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"}
     for i in range(L):
         for part in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.weight",

@@ -21,7 +21,7 @@ import numpy as np
 from refimpl.errors import FormatError
 
 from .common import bias_to_heads, linear_to_heads, out_to_heads
-from .hf_common import (cfg_bool, cfg_float, cfg_int, detect_hf, finish, open_weights, planned,
+from .hf_common import (cfg_bool, cfg_float, cfg_int, check_layer_count, detect_hf, finish, open_weights, planned,
                         read_hf_config, token_id)
 
 FORMAT = "hf-llama"
@@ -99,6 +99,7 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
                                                  "d_ff", "d_vocab"))
     attn_bias, mlp_bias = cfg["attn_bias"], cfg["mlp_bias"]
 
+    check_layer_count(w, "layers.", L)
     known = {"embed_tokens.weight", "norm.weight", "lm_head.weight"}
     for i in range(L):
         parts = ["input_layernorm.weight", "post_attention_layernorm.weight"]

@@ -29,6 +29,17 @@ class _Parser(argparse.ArgumentParser):
         raise RefimplError(f"{self.prog}: {message}")
 
 
+def positive_int(s: str) -> int:
+    """argparse type for counts such as --top: an integer >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def parse_ids(s: str) -> list[int]:
     try:
         ids = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
@@ -85,8 +96,8 @@ def cmd_predict(p, args=None):
         p.add_argument("--ids", default=None, help="comma-separated token ids, used verbatim")
         p.add_argument("--model", default=None, help="converted model directory")
         p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-        p.add_argument("--top", type=int, default=10)
-        p.add_argument("--generate", type=int, default=0, help="greedy-decode this many tokens")
+        p.add_argument("--top", type=positive_int, default=10)
+        p.add_argument("--generate", type=positive_int, default=None, help="greedy-decode this many tokens")
         return
     from .forward import forward, run
     model = open_model(args)
@@ -118,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+    import warnings
+    warnings.showwarning = _one_line_warning
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from .cli import command, open_model, parse_ids
+from .cli import command, open_model, parse_ids, positive_int
 from .errors import RefimplError
 
 
@@ -67,15 +67,13 @@ def check_neuron(model, k):
 def cmd_locate(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--top", type=int, default=10, help="K best subvalues of each kind (default 10)")
+        p.add_argument("--top", type=positive_int, default=10, help="K best subvalues of each kind (default 10)")
         p.add_argument("--exhaustive", action="store_true", help="score every FFN subvalue by brute force")
         p.add_argument("--counts", choices=["auto", "yes", "no"], default="auto",
                        help="per-layer helpful/unhelpful counts (auto: when cheap or prepared)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
         return
     from .locate import format_report, locate
-    if args.top < 1:
-        raise RefimplError("--top must be at least 1")
     model = open_model(args)
     if args.ids is not None and args.prompt is not None:
         raise RefimplError("give either PROMPT or --ids, not both")
@@ -113,7 +111,7 @@ def cmd_subvalues(p, args=None):
         p.add_argument("--layer", type=int, required=True)
         p.add_argument("--kind", choices=["attn", "ffn"], default="ffn")
         p.add_argument("--by", choices=["position", "head", "head_position"], default="position")
-        p.add_argument("--top", type=int, default=10)
+        p.add_argument("--top", type=positive_int, default=10)
         return
     from .significance import attn_subvalue_significance, ffn_layer_summary, ffn_subvalue_significance
     model, trace, t, w, R = prepare(args)
@@ -145,7 +143,7 @@ def cmd_vocab(p, args=None):
                                                            "Lin", "Lres", "Lout"],
                        help="a layer vector, a subvalue (with --index) or a residual state")
         p.add_argument("--index", type=int, default=None, help="neuron / source position / head")
-        p.add_argument("--top", type=int, default=10)
+        p.add_argument("--top", type=positive_int, default=10)
         return
     from .vocab import ffn_subvalue_view, vocab_view
     model, trace, t, w, R = prepare(args)
@@ -176,7 +174,7 @@ def cmd_additivity(p, args=None):
         common(p)
         p.add_argument("--layer", type=int, required=True)
         p.add_argument("--kind", choices=["attn", "ffn"], default="ffn")
-        p.add_argument("--max", type=int, default=50)
+        p.add_argument("--max", type=positive_int, default=50)
         return
     from .significance import additivity
     model, trace, t, w, R = prepare(args)
@@ -255,7 +253,13 @@ def cmd_compare_tokens(p, args=None):
     args.target = args.target_id = None
     model, trace, t, _, R = prepare(args)
     toks = [x for x in args.tokens.split(",") if x != ""]
-    ids = [resolve_target(model, None, target_id=int(x)) if args.token_ids else resolve_target(model, None, x) for x in toks]
+    if args.token_ids:
+        try:
+            ids = [resolve_target(model, None, target_id=int(x)) for x in toks]
+        except ValueError:
+            raise RefimplError(f"--tokens with --token-ids must be comma-separated integers, got {args.tokens!r}") from None
+    else:
+        ids = [resolve_target(model, None, x) for x in toks]
     if len(ids) < 1:
         raise RefimplError("--tokens is empty")
     traj = bs_trajectory(trace, ids, t, R)
@@ -275,7 +279,7 @@ def cmd_compare_tokens(p, args=None):
 def cmd_baseline(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--top", type=int, default=10)
+        p.add_argument("--top", type=positive_int, default=10)
         return
     from .baseline import compare_rankings
     model, trace, t, w, R = prepare(args)

@@ -17,6 +17,8 @@ def cmd_dump(p, args=None):
                        help="skip scoring every subvalue (the expensive part on large models)")
         return
     from .dump import write_dump
+    if os.path.isdir(args.out):
+        raise RefimplError(f"{args.out}: is a directory; --out names the .safetensors file to write")
     model, trace, t, w, _ = prepare(args)
     write_dump(args.out, trace, t, w, args.readout, not args.no_subvalue_scores)
     print(f"wrote {args.out}: {len(trace.ids)} tokens, {model.cfg.n_layers} layers, {model.dtype}, "

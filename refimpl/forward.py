@@ -75,7 +75,8 @@ def attention(model: Model, W: dict, x: np.ndarray):
         cos, sin = nn.rope_cos_sin(np.arange(T), dh, cfg.rope_theta, x.dtype)  # [T, dh]
         qr, kr = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
     group = np.arange(H) // (H // Hk)                                       # head h reads kv group h // (H/H_kv)
-    scores = np.einsum("the,she->hts", qr, kr[:, group], optimize=True) / np.sqrt(dh)   # [H, T, T]
+    root = np.asarray(np.sqrt(dh), x.dtype)                                 # keeps float32 runs float32
+    scores = np.einsum("the,she->hts", qr, kr[:, group], optimize=True) / root    # [H, T, T]
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     pattern = nn.softmax(scores, axis=-1)                                   # [H, T, T] alpha_h[t, j]
     z = np.einsum("hts,she->the", pattern, v[:, group], optimize=True)      # [T, H, dh]
@@ -133,8 +134,27 @@ def forward(model: Model, ids) -> Trace:
                                  pattern=pattern, z=z, pre=pre, gate_pre=gate_pre, m=m))
         x = lout
     log_probs, logits = final_log_probs(model, x)
+    if not np.isfinite(log_probs).all():
+        _report_non_finite(model, tok, pos, layers)
     return Trace(model=model, ids=ids, embed_tok=tok, embed_pos=pos, layers=layers,
                  log_probs=log_probs, logits=logits)
+
+
+def _report_non_finite(model: Model, tok, pos, layers) -> None:
+    """Name the weight (or layer) that made the output NaN/Inf: one clear error, not NaN tables."""
+    def bad(name):
+        return model.has(name) and not np.isfinite(model.stored(name)).all()
+    if not np.isfinite(tok).all() or (pos is not None and not np.isfinite(pos).all()):
+        names = [n for n in ("embed.W_E", "pos_embed.W_pos") if bad(n)] or ["the embedding"]
+        raise RefimplError(f"{model.path}: non-finite values (NaN/Inf) in {names[0]}; run `refimpl verify`")
+    for i, L in enumerate(layers):
+        if not np.isfinite(L.lout).all():
+            names = [f"blocks.{i}.{n}" for n in sorted(model.block(i)) if bad(f"blocks.{i}.{n}")]
+            where = f"tensor {names[0]}" if names else f"layer {i}'s activations (overflow)"
+            raise RefimplError(f"{model.path}: non-finite values (NaN/Inf) in {where}; run `refimpl verify`")
+    names = [n for n in ("ln_final.w", "ln_final.b", "unembed.W_U", "unembed.b_U") if bad(n)]
+    raise RefimplError(f"{model.path}: non-finite values (NaN/Inf) in "
+                       f"{'tensor ' + names[0] if names else 'the output'}; run `refimpl verify`")
 
 
 def run(model: Model, prompt_or_ids) -> Trace:

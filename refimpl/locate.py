@@ -34,10 +34,10 @@ def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, ta
     if target is not None:
         if target == "":
             raise RefimplError("empty target")
-        tid = model.tokenizer.token_to_id(target)
+        tid = model._tok("look up the target", lambda t: t.token_to_id(target))
         if tid is not None:
             return int(tid)
-        enc = model.tokenizer.encode(target, add_special_tokens=False)
+        enc = model._tok("encode the target", lambda t: t.encode(target, add_special_tokens=False))
         if len(enc.ids) != 1:
             pieces = " ".join(f"{t!r}({i})" for t, i in zip(enc.tokens, enc.ids))
             raise RefimplError(f"target {target!r} is not a single token: it tokenizes as {pieces or 'nothing'}")

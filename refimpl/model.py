@@ -241,9 +241,6 @@ def _load_tokenizer(path: str):
     charsmaps are checked first, padding and truncation (never wanted here) are switched off,
     and the result must encode and decode a probe text.
     """
-    import base64
-    import binascii
-    from tokenizers import Tokenizer
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -253,6 +250,14 @@ def _load_tokenizer(path: str):
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise FormatError(f"{path}: not UTF-8 text") from None
+    return tokenizer_from_text(text, path)
+
+
+def tokenizer_from_text(text: str, path: str):
+    """A `tokenizers.Tokenizer` from tokenizer.json text, checked as `_load_tokenizer` describes."""
+    import base64
+    import binascii
+    from tokenizers import Tokenizer
     try:
         # parsed only when it may name a Precompiled normalizer (also if spelled with \u escapes)
         tree = json.loads(text) if "Precompiled" in text or "\\u" in text else None

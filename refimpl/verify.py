@@ -23,6 +23,14 @@ def verify(model_dir: str) -> list[str]:
             problems.append(f"{name}: missing")
         elif sha256_file(path) != digest:
             problems.append(f"{name}: sha256 mismatch (modified or corrupted)")
+    import json
+    from converters.canonical import config_digest
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    if "config_sha256" not in raw:
+        problems.append("config.json: no config_sha256 recorded (converted by an older refimpl); not checked")
+    elif config_digest(raw) != raw["config_sha256"]:
+        problems.append("config.json: content differs from what was recorded at conversion")
     recorded = set(files) | {"config.json"}
     for extra in sorted(set(os.listdir(model_dir)) - recorded):
         if extra.endswith((".safetensors", ".json")):
