@@ -185,8 +185,11 @@ def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
 def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = None):
     """(upper [F], lower [F] or None) on C of every FFN subvalue of layer i at position t."""
     m = trace.layers[i].m[t]                                                 # [F]
-    g = g_vector(R, trace.layers[i].lres[t], w)
-    upper = m * (trace.model.weight(f"blocks.{i}.mlp.W_out") @ g)            # [F]
+    key = ("ffn_upper", id(trace), i, t, int(w))                             # top-K and counts share it
+    upper = R._memo.get(key)
+    if upper is None:
+        g = g_vector(R, trace.layers[i].lres[t], w)
+        upper = R._memo[key] = m * (trace.model.weight(f"blocks.{i}.mlp.W_out") @ g)   # [F]
     if ranges is None:
         return upper, None
     slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0
