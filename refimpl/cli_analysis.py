@@ -307,18 +307,26 @@ def cmd_models(p, args=None):
               f"vocabulary {c['d_vocab']}  [{os.path.join(DATA, n)}]")
 
 
-@command("prepare", "precompute the per-neuron score ranges that exact helpful/unhelpful counts need (once per model)")
+@command("prepare", "one-time work per model: per-neuron score ranges (exact counts) and a compute-dtype weight copy")
 def cmd_prepare(p, args=None):
     if args is None:
         p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
         p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
         p.add_argument("--readout", default="frozen", choices=["frozen", "raw"])
+        p.add_argument("--weight-cache", choices=["auto", "yes", "no"], default="auto",
+                       help="write the weights converted to --dtype (auto: when the copy is at most 8 GB)")
         return
     import time
     from . import bounds
     from .readout import Readout
     model = open_model(args)
     t0 = time.perf_counter()
+    nbytes = sum(int(np.prod(t.shape)) for t in model.tensors.values()) * model.dtype.itemsize
+    if args.weight_cache == "yes" or (args.weight_cache == "auto" and nbytes <= 8 * 1024**3):
+        if model.upcast_cache is None and any(t.dtype != {"float32": "F32", "float64": "F64"}[model.dtype.name]
+                                              for t in model.tensors.values()):
+            path = model.write_upcast_cache()
+            print(f"weights in {model.dtype.name}: {path} ({nbytes / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s)")
     R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state
     bounds.neuron_ranges(R)
     print(f"per-neuron ranges ready in {bounds.cache_dir(model)} ({time.perf_counter() - t0:.1f} s)")

@@ -58,6 +58,54 @@ class Model:
         self._cached = 0
         self._tokenizer = None
         self._check_tensors()
+        self.upcast_cache = self._open_upcast_cache()
+
+    # -- the prepared weight cache ---------------------------------------------------------
+    def upcast_cache_path(self) -> str:
+        from .bounds import cache_dir
+        return os.path.join(cache_dir(self), f"weights-{self.dtype.name}-{self.fingerprint()[:16]}.safetensors")
+
+    def fingerprint(self) -> str:
+        """sha256 over the recorded weight-file hashes (or the path when nothing is recorded)."""
+        import hashlib
+        files = self.cfg.extra.get("files") or {"path": os.path.abspath(self.path)}
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+    def _open_upcast_cache(self):
+        """The weights in the compute dtype, if `refimpl prepare` wrote them (else None)."""
+        if all(t.dtype == {"float32": "F32", "float64": "F64"}[self.dtype.name] for t in self.tensors.values()):
+            return None                                   # nothing to convert anyway
+        path = self.upcast_cache_path()
+        if not os.path.exists(path):
+            return None
+        try:
+            tensors, meta = read_header(path)
+        except FormatError:
+            return None                                   # a damaged cache is ignored, never trusted
+        ok = meta.get("fingerprint") == self.fingerprint() and all(
+            n in tensors and tuple(tensors[n].shape) == tuple(t.shape) for n, t in self.tensors.items())
+        return tensors if ok else None
+
+    def write_upcast_cache(self) -> str:
+        """Write every tensor in the compute dtype next to the model (exact: widening only)."""
+        import tempfile
+        from .safetensors_io import write_safetensors
+        path = self.upcast_cache_path()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        st = {"float32": "F32", "float64": "F64"}[self.dtype.name]
+        names = sorted(self.tensors)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        os.close(fd)
+        try:
+            write_safetensors(tmp, [(n, self.tensors[n].shape, st) for n in names],
+                              ((n, np.asarray(self.tensors[n].numpy(), self.dtype)) for n in names),
+                              {"fingerprint": self.fingerprint()})
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self.upcast_cache = self._open_upcast_cache()
+        return path
 
     # -- tensors -------------------------------------------------------------------
     def _resolve(self, name: str) -> tuple[str, bool]:
@@ -86,10 +134,17 @@ class Model:
         return a.T if transpose else a
 
     def weight(self, name: str) -> np.ndarray:
-        """One tensor in the compute dtype (upcast on first use, then cached)."""
+        """One tensor in the compute dtype (upcast on first use, then cached).
+
+        Served without any conversion when the stored dtype already is the compute dtype, or
+        from the prepared weight cache (`refimpl prepare`: an exact copy in the compute dtype)."""
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
+        src, transpose = self._resolve(name)
+        if self.upcast_cache is not None and src in self.upcast_cache:
+            a = self.upcast_cache[src].raw()
+            return a.T if transpose else a
         a = np.asarray(self.stored(name), dtype=self.dtype)
         if name.startswith(PINNED):                 # the readout is used by every analysis: always kept
             self._cache[name] = a
