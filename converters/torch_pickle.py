@@ -14,14 +14,16 @@ Both container formats are supported (`converters/torch_zip.py`: torch >= 1.6 zi
 and is memory-mapped only when `LazyTensor.raw()` / `.numpy()` is called; every tensor's
 offset, shape and strides are checked against its storage, and every storage against the
 bytes present, before anything is mapped or allocated.
+
+This module holds the opcode scanner, the allow-list unpickler and `load_torch_file`; the
+objects a pickle becomes (`LazyTensor`, `Inert`, `to_plain`, the dtype and numpy
+stand-ins) are in `converters/torch_objects.py` and are re-exported here.
 """
 from __future__ import annotations
 
 import _compat_pickle
 import io
-import math
 import os
-import pathlib
 import pickle
 import pickletools
 import warnings
@@ -30,7 +32,13 @@ from collections import OrderedDict
 import numpy as np
 
 from refimpl.errors import FormatError
-from refimpl.safetensors_io import bf16_to_f32
+
+from .torch_objects import (MAX_NDIM, DTypeStub, Frozen, Inert, LazyTensor, PickledArray, Storage, StorageType,
+                            TorchDType, make_tensor, to_plain)
+
+__all__ = ["load_torch_file", "LazyTensor", "Inert", "to_plain", "Storage", "scan_pickle", "unpickle",
+           "storage_dtype", "MAX_PICKLE_BYTES"]
+
 
 # torch storage class name -> (safetensors dtype name, little-endian numpy storage dtype).
 STORAGE_DTYPES = {
@@ -50,301 +58,16 @@ TORCH_DTYPES = {
 INERT_NAMES = {"argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
                "pathlib.PurePath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath"}
 INERT_PREFIXES = ("omegaconf.", "fairseq.", "typing.")
-MAX_NDIM = 64
-MAX_EXPANDED_BYTES = 1 << 30      # a stride-0 view may materialise to more than its storage, up to this
 MAX_PICKLE_BYTES = 1 << 30
 MAX_TEXT_ARG = 1 << 24            # longest newline-terminated opcode argument (protocol-0 text)
 _BUILTIN_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
                   "int": int, "float": float, "str": str, "bool": bool, "complex": complex}
 
 
-# --------------------------------------------------------------------------- storages, tensors
+# --------------------------------------------------------------------------- allow-listed callables
 
 
-class Storage:
-    """A flat run of elements in a file: `numel` elements of one dtype at byte `offset`.
-
-    A view storage (legacy format only) has `base` set and starts `start` elements into it.
-    `offset` is None until the container has located the data (legacy: after the pickle).
-    """
-
-    __slots__ = ("path", "key", "dtype", "npdtype", "numel", "offset", "base", "start")
-
-    def __init__(self, path, key, dtype, npdtype, numel, offset=None, base=None, start=0):
-        self.path, self.key, self.dtype, self.npdtype = path, key, dtype, npdtype
-        self.numel, self.offset, self.base, self.start = numel, offset, base, start
-
-    def __setstate__(self, state):
-        raise TypeError("a storage cannot be given state")
-
-    def map(self, first: int, count: int) -> np.ndarray:
-        """Elements [first, first + count) of this storage as a read-only memory map."""
-        root, first = self, first
-        while root.base is not None:
-            root, first = root.base, first + root.start
-        label = os.path.basename(root.path)
-        if root.offset is None:
-            raise FormatError(f"{label}: missing storage record for key {root.key!r}")
-        start = root.offset + first * root.npdtype.itemsize
-        end = start + count * root.npdtype.itemsize
-        try:
-            size = os.path.getsize(root.path)
-        except OSError as e:
-            raise FormatError(f"{label}: cannot read ({e.strerror})") from None
-        if end > size:
-            raise FormatError(f"{label}: storage {root.key!r} extends past the end of the file "
-                              f"(byte {end} of {size}); was the file truncated after loading?")
-        return np.memmap(root.path, dtype=root.npdtype, mode="r", offset=start, shape=(count,))
-
-
-class LazyTensor:
-    """A tensor stored in a checkpoint: dtype name, shape and strides into a Storage; no data read yet."""
-
-    __slots__ = ("_storage", "_offset", "shape", "_stride", "dtype")
-
-    def __init__(self, storage: Storage, offset: int, shape: tuple, stride: tuple):
-        self._storage, self._offset, self.shape, self._stride = storage, offset, shape, stride
-        self.dtype = storage.dtype
-
-    def __setstate__(self, state):
-        raise TypeError("a tensor cannot be given state")
-
-    @property
-    def stride(self) -> tuple:
-        return self._stride
-
-    @property
-    def storage_offset(self) -> int:
-        return self._offset
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self._storage.npdtype.itemsize
-
-    def _contiguous(self) -> bool:
-        expect = 1
-        for n, s in zip(reversed(self.shape), reversed(self._stride)):
-            if n != 1 and s != expect:
-                return False
-            expect *= n
-        return True
-
-    def raw(self) -> np.ndarray:
-        """The stored bits (BF16 as uint16): a read-only memory map when contiguous, else a copy."""
-        npdtype = self._storage.npdtype
-        little = npdtype.newbyteorder("<") if npdtype.byteorder == ">" else npdtype
-        if self.numel == 0:
-            return np.zeros(self.shape, little)
-        if self._contiguous():
-            a = self._storage.map(self._offset, self.numel).reshape(self.shape)
-        else:
-            extent = sum((n - 1) * s for n, s in zip(self.shape, self._stride)) + 1
-            base = self._storage.map(self._offset, extent)
-            item = npdtype.itemsize
-            a = np.lib.stride_tricks.as_strided(base, self.shape, [s * item for s in self._stride],
-                                                writeable=False)
-            a = np.ascontiguousarray(a)
-        return a.astype(little) if little is not npdtype else a
-
-    def numpy(self) -> np.ndarray:
-        """A copy of the values; BF16 widened exactly to float32, BOOL normalised to 0/1."""
-        a = self.raw()
-        if self.dtype == "BF16":
-            return bf16_to_f32(a)
-        if self.dtype == "BOOL":
-            return a.view(np.uint8) != 0
-        return np.array(a)
-
-    def __array__(self, dtype=None, copy=None):
-        a = self.numpy()
-        return a if dtype is None else a.astype(dtype)
-
-    def __repr__(self):
-        return f"LazyTensor(dtype={self.dtype}, shape={self.shape})"
-
-
-def make_tensor(label: str, storage, offset, size, stride) -> LazyTensor:
-    """Validate a tensor's placement in its storage before anything is mapped or allocated."""
-    if not isinstance(storage, Storage):
-        raise FormatError(f"{label}: tensor built from {type(storage).__name__}, not a storage")
-    size, stride = _int_tuple(label, "size", size), _int_tuple(label, "stride", stride)
-    if type(offset) is not int or offset < 0:
-        raise FormatError(f"{label}: tensor has invalid storage offset {str(offset)[:40]}")
-    if len(size) != len(stride) or len(size) > MAX_NDIM:
-        raise FormatError(f"{label}: tensor has {len(size)} sizes and {len(stride)} strides")
-    numel = math.prod(size)
-    extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if numel else offset
-    if extent > storage.numel:
-        raise FormatError(f"{label}: tensor of shape {str(size)[:80]} (offset {offset}, stride {str(stride)[:80]}) "
-                          f"reaches element {extent} of a storage of {storage.numel} elements")
-    if numel > storage.numel and numel * storage.npdtype.itemsize > MAX_EXPANDED_BYTES:
-        raise FormatError(f"{label}: broadcast tensor of shape {str(size)[:80]} would need "
-                          f"{numel * storage.npdtype.itemsize} bytes")
-    return LazyTensor(storage, offset, size, stride)
-
-
-def _int_tuple(label, what, value) -> tuple:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise FormatError(f"{label}: tensor {what} {str(value)[:80]} is not a tuple of non-negative integers")
-    return tuple(value)
-
-
-# --------------------------------------------------------------------------- inert stand-ins
-
-
-class Inert:
-    """An object the checkpoint describes but that is never constructed: just its data.
-
-    `obj.name`, `obj["name"]` and `obj.get("name")` look up its attributes (for an omegaconf
-    DictConfig, its content, with nodes unwrapped to their values); `to_dict()` is `to_plain`.
-    The pickled class name is `obj._type_name`, constructor arguments `obj._args`.
-    """
-
-    __slots__ = ("_args", "_kwargs", "_attrs", "_state")
-    _type_name = "Inert"
-
-    def __new__(cls, *args, **kwargs):
-        self = object.__new__(cls)
-        self._args, self._kwargs, self._attrs, self._state = args, kwargs, {}, None
-        return self
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
-            for part in state:
-                self._attrs.update(part or {})
-        elif isinstance(state, dict):
-            self._attrs.update(state)
-        else:
-            self._state = state
-
-    def __setitem__(self, key, value):
-        self._attrs[key] = value
-
-    def _lookup(self, key):
-        if key in self._attrs:
-            return self._attrs[key]
-        content = self._attrs.get("_content")
-        if isinstance(content, (dict, list)):
-            v = content[key]
-            return v._attrs["_val"] if isinstance(v, Inert) and "_val" in v._attrs else v
-        raise KeyError(key)
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self._lookup(name)
-        except (KeyError, IndexError, TypeError):
-            raise AttributeError(f"{self._type_name} has no attribute {name!r}") from None
-
-    def __getitem__(self, key):
-        return self._lookup(key)
-
-    def __contains__(self, key):
-        try:
-            self._lookup(key)
-            return True
-        except (KeyError, IndexError, TypeError):
-            return False
-
-    def get(self, key, default=None):
-        try:
-            return self._lookup(key)
-        except (KeyError, IndexError, TypeError):
-            return default
-
-    def to_dict(self):
-        return to_plain(self)
-
-    def __repr__(self):
-        keys = ", ".join(map(str, self._attrs)) or ", ".join(map(repr, self._args))
-        return f"<Inert {self._type_name}: {keys}>"
-
-
-def to_plain(x):
-    """Recursively replace Inert objects (Namespace, DictConfig, ListConfig, enums, paths) by plain data."""
-    try:
-        return _plain(x, set())
-    except RecursionError:
-        raise FormatError("checkpoint object is nested too deeply to convert to plain data") from None
-
-
-def _plain(x, active: set):
-    if isinstance(x, type) and issubclass(x, Inert):
-        return x._type_name
-    if isinstance(x, PickledArray):
-        return np.asarray(x).view(np.ndarray)
-    if isinstance(x, DTypeStub):
-        return x.dtype
-    if not isinstance(x, (Inert, dict, list, tuple, set, frozenset)):
-        return x
-    if id(x) in active:
-        raise FormatError("checkpoint object graph is cyclic; cannot convert it to plain data")
-    active.add(id(x))
-    try:
-        if isinstance(x, dict):
-            return {k: _plain(v, active) for k, v in x.items()}
-        if isinstance(x, list):
-            return [_plain(v, active) for v in x]
-        if isinstance(x, (tuple, set, frozenset)):
-            return type(x)(_plain(v, active) for v in x)
-        attrs, args = x._attrs, x._args
-        if x._type_name.startswith("pathlib.") and all(isinstance(a, str) for a in args):
-            pure = pathlib.PureWindowsPath if "Windows" in x._type_name else pathlib.PurePosixPath
-            return str(pure(*args))
-        if "_content" in attrs:             # omegaconf DictConfig / ListConfig
-            return _plain(attrs["_content"], active)
-        if "_val" in attrs:                 # omegaconf value node
-            return _plain(attrs["_val"], active)
-        if attrs:                           # Namespace, dataclass-like objects
-            return {k: _plain(v, active) for k, v in attrs.items() if k != "_parent"}
-        if x._state is not None:
-            return _plain(x._state, active)
-        if len(args) == 1:                  # enum member: its value
-            return _plain(args[0], active)
-        return [_plain(a, active) for a in args] if args else x._type_name
-    finally:
-        active.discard(id(x))
-
-
-class _Frozen:
-    """Base of the loader's own descriptors: a pickle's BUILD cannot give them state."""
-
-    __slots__ = ()
-
-    def __setstate__(self, state):
-        raise TypeError(f"{type(self).__name__} cannot be given state")
-
-
-class TorchDType(_Frozen):
-    """A torch dtype named in a pickle (e.g. a config's torch_dtype); `name` like 'float32'."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return f"torch.{self.name}"
-
-
-class StorageType(_Frozen):
-    """A torch storage class named in a pickle, e.g. torch.FloatStorage."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-
-class _Call(_Frozen):
+class _Call(Frozen):
     """An allow-listed function as find_class hands it out: callable, but not an attribute target."""
 
     __slots__ = ("fn",)
@@ -357,37 +80,6 @@ class _Call(_Frozen):
 
 
 _NDARRAY = StorageType("numpy.ndarray")   # stands for numpy.ndarray as the first argument of _reconstruct
-
-
-class DTypeStub:
-    """numpy.dtype(name, align, copy) from a pickle; its BUILD state may only set the byte order."""
-
-    def __init__(self, dtype: np.dtype):
-        self.dtype = dtype
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
-                and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)):
-            raise TypeError("unsupported numpy dtype state")
-        if state[1] in "<>":
-            self.dtype = self.dtype.newbyteorder(state[1])
-
-
-class PickledArray(np.ndarray):
-    """An ndarray rebuilt from numpy's pickle; only plain numeric data is accepted."""
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], DTypeStub)):
-            raise TypeError("unsupported numpy array state")
-        _, shape, dt, fortran, data = state
-        dtype = dt.dtype
-        if isinstance(data, str):
-            data = data.encode("latin-1")
-        if (not isinstance(shape, tuple) or len(shape) > 32
-                or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(data, bytes)
-                or len(data) != math.prod(shape) * dtype.itemsize):
-            raise TypeError("numpy array state does not match its data")
-        np.ndarray.__setstate__(self, (1, shape, dtype, bool(fortran), data))
 
 
 def _np_dtype(obj, align=False, copy=False):
