@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from refimpl.config import read_json_object
 from refimpl.errors import FormatError, RefimplError
 
 from .canonical import Planned, write_canonical
@@ -36,20 +37,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 def read_hf_config(src: str) -> dict:
     """config.json of a HF model directory, as a dict (FormatError if missing or malformed)."""
-    path = os.path.join(src, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{src}: no config.json (a Hugging Face model directory needs one)") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FormatError(f"{path}: not valid JSON ({msg})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: not a JSON object")
-    return cfg
+    return read_json_object(os.path.join(src, "config.json"),
+                            f"{src}: no config.json (a Hugging Face model directory needs one)")
 
 
 def cfg_int(cfg: dict, key: str, default=None, *, src: str = "config.json") -> int:

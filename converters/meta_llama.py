@@ -15,12 +15,12 @@ to the canonical half-split order. Storage precision (F16/BF16/F32) is kept bit 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
 import numpy as np
 
+from refimpl.config import read_json_object
 from refimpl.errors import FormatError, RefimplError
 
 from .canonical import write_canonical
@@ -64,17 +64,7 @@ def detect(src: str) -> bool:
 
 def read_params(d: str) -> dict:
     path = os.path.join(d, "params.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            p = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{d}: no params.json (a Meta LLaMA model directory needs one)") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(p, dict):
-        raise FormatError(f"{path}: not a JSON object")
+    p = read_json_object(path, f"{d}: no params.json (a Meta LLaMA model directory needs one)")
 
     def pos_int(key, default=None):
         v = p.get(key, default)

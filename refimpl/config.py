@@ -122,19 +122,28 @@ class Config:
         return d
 
 
-def read_config(model_dir: str) -> Config:
-    path = os.path.join(model_dir, "config.json")
+def read_json_object(path: str, missing: str) -> dict:
+    """A JSON object from a file; one-line FormatError if missing (`missing` is the message),
+    unreadable, not JSON, or not an object. Shared by every reader of a JSON config."""
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise FormatError(f"{model_dir}: not a converted model directory (no config.json); "
-                          f"run `refimpl convert` first") from None
+        raise FormatError(missing) from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: invalid JSON ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-    if isinstance(d, dict) and d.get("format") not in (None, "refimpl-canonical"):
+        raise FormatError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return d
+
+
+def read_config(model_dir: str) -> Config:
+    path = os.path.join(model_dir, "config.json")
+    d = read_json_object(path, f"{model_dir}: not a converted model directory (no config.json); "
+                               f"run `refimpl convert` first")
+    if d.get("format") not in (None, "refimpl-canonical"):
         raise FormatError(f"{path}: not a refimpl canonical config (format={d.get('format')!r})")
     try:
         return Config.from_dict(d)
