@@ -124,11 +124,6 @@ def cache_dir(model) -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refimpl")
 
 
-def ranges_cached(R: Readout) -> bool:
-    kind = "raw" if not R.has_norm else "frozen"
-    return kind in getattr(R.model, "_range_cache", {}) or os.path.exists(_cache_path(R.model, kind))
-
-
 def ranges_cost(model) -> float:
     """Multiply-adds of computing the per-neuron ranges (one exhaustive pass over all neurons)."""
     c = model.cfg

@@ -22,7 +22,7 @@ from .significance import attn_position_significance_all_layers, layer_significa
 from .topk import ffn_counts, top_ffn_subvalues
 
 N_TOP_TOKENS = 10
-AUTO_COUNTS_COST = 1e13     # GPT2-medium: 5e12 (a few minutes once, then cached); Llama-7B: 9e13
+AUTO_COUNTS_COST = 1e11     # embedded model 2.7e8, stories260K 2.8e7; GPT2-medium 5e12 (opt in with --counts yes)
 
 
 def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, target_id: int | None = None) -> int:
@@ -59,9 +59,9 @@ def _top_tokens(model, R, v) -> list[str]:
 
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
            readout: str = "frozen", exhaustive: bool = False, counts="auto") -> dict:
-    """The report as a dict (the `--json` contract). counts: True, False or "auto" (compute the
-    per-layer helpful/unhelpful counts when exhaustive, when the per-neuron ranges are cached, or
-    when computing them costs under AUTO_COUNTS_COST multiply-adds; see `refimpl prepare`)."""
+    """The report as a dict (the `--json` contract). counts: True, False or "auto" (the per-layer
+    helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
+    small: the ranges they need cost under AUTO_COUNTS_COST multiply-adds; see `refimpl prepare`)."""
     t0 = time.perf_counter()
     trace = run(model, prompt_or_ids)
     t = resolve_position(trace, position)
@@ -100,10 +100,11 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
     if counts == "auto":
-        counts = exhaustive or R.kind == "lens" or bounds.ranges_cached(R) or bounds.ranges_cost(model) <= AUTO_COUNTS_COST
+        counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST
         if not counts:
-            result["ffn_counts_note"] = ("per-layer counts skipped: run `refimpl prepare --model DIR` once "
-                                         "(computes the per-neuron ranges the exact counts need), or pass --counts")
+            result["ffn_counts_note"] = ("per-layer helpful/unhelpful counts skipped on a model this size: pass "
+                                         "--counts yes (exact; the per-neuron ranges they need are computed once "
+                                         "and cached, see `refimpl prepare`)")
     if counts:
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
     if len(ffn["layer"]):
