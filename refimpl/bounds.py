@@ -27,6 +27,7 @@ import numpy as np
 from . import nn
 from .errors import RefimplError
 from .readout import Readout
+from .safetensors_io import bf16_to_f32
 
 RANGE_SAFETY = 1e-9          # ranges are inflated by this relative amount (rounding in their computation)
 
@@ -177,6 +178,22 @@ def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
     return ranges
 
 
+def _matvec_rows(model, name: str, g: np.ndarray, block: int = 2048) -> np.ndarray:
+    """W @ g for W = model weight `name` [F, d], widening `block` rows at a time into one
+    reused buffer when the tensor is not cached (no full-size copy of a large layer)."""
+    if name in model._cache or model.upcast_cache is not None or model._fits_cache():
+        return model.weight(name) @ g
+    st = model.tensors[name]
+    raw, out = st.raw(), np.empty(st.shape[0], model.dtype)
+    buf = np.empty((min(block, st.shape[0]), st.shape[1]), model.dtype)
+    for a in range(0, st.shape[0], block):
+        rows = raw[a:a + block]
+        n = rows.shape[0]
+        buf[:n] = rows if st.dtype != "BF16" else bf16_to_f32(rows)
+        out[a:a + n] = buf[:n] @ g
+    return out
+
+
 def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = None):
     """(upper [F], lower [F] or None) on C of every FFN subvalue of layer i at position t."""
     m = trace.layers[i].m[t]                                                 # [F]
@@ -184,7 +201,7 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
     upper = R._memo.get(key)
     if upper is None:
         g = g_vector(R, trace.layers[i].lres[t], w)
-        upper = R._memo[key] = m * (trace.model.weight(f"blocks.{i}.mlp.W_out") @ g)   # [F]
+        upper = R._memo[key] = m * _matvec_rows(trace.model, f"blocks.{i}.mlp.W_out", g)   # [F]
     if ranges is None:
         return upper, None
     slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0

@@ -61,12 +61,11 @@ def attn_bias_subvalue(trace, i: int) -> np.ndarray:
 def ffn_subvalues(trace, i: int, t: int, neurons=None) -> np.ndarray:
     """ffn_i^k = m[t, k] * W_out[k] [F or len(neurons), d] (Eq. 10)."""
     t = _check(trace, i, t)
-    W_out = trace.model.weight(f"blocks.{i}.mlp.W_out")                    # [F, d]
     m = trace.layers[i].m[t]                                                # [F]
     if neurons is None:
-        return m[:, None] * W_out
+        return m[:, None] * trace.model.weight(f"blocks.{i}.mlp.W_out")    # [F, d]
     neurons = np.asarray(neurons)
-    return m[neurons, None] * W_out[neurons]
+    return m[neurons, None] * trace.model.rows(f"blocks.{i}.mlp.W_out", neurons)   # [n, d]
 
 
 def ffn_bias_subvalue(trace, i: int) -> np.ndarray:

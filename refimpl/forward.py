@@ -65,9 +65,9 @@ def attention(model: Model, W: dict, x: np.ndarray):
     """
     cfg = model.cfg
     T, H, Hk, dh = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    q = np.einsum("td,hde->the", x, W["attn.W_Q"], optimize=True)         # [T, H, dh]
-    k = np.einsum("td,hde->the", x, W["attn.W_K"], optimize=True)         # [T, H_kv, dh]
-    v = np.einsum("td,hde->the", x, W["attn.W_V"], optimize=True)         # [T, H_kv, dh]
+    q = np.matmul(x, W["attn.W_Q"]).transpose(1, 0, 2)                    # [T, H, dh]   x W_Q^h per head
+    k = np.matmul(x, W["attn.W_K"]).transpose(1, 0, 2)                    # [T, H_kv, dh]
+    v = np.matmul(x, W["attn.W_V"]).transpose(1, 0, 2)                    # [T, H_kv, dh]
     if "attn.b_Q" in W:
         q, k, v = q + W["attn.b_Q"], k + W["attn.b_K"], v + W["attn.b_V"]
     qr, kr = q, k
@@ -121,7 +121,7 @@ def forward(model: Model, ids) -> Trace:
         W = model.block(i)
         lin = x                                                             # Lin_i = Lout_{i-1}
         q, k, v, pattern, z = attention(model, W, norm(model, lin, W["ln1.w"], W.get("ln1.b")))
-        attn = np.einsum("the,hed->td", z, W["attn.W_O"], optimize=True)   # [T, d] Eq. 5/7: sum_h z_h O_h
+        attn = z.reshape(len(ids), -1) @ W["attn.W_O"].reshape(-1, cfg.d_model)   # [T, d] Eq. 5/7: sum_h z_h O_h
         if "attn.b_O" in W:
             attn = attn + W["attn.b_O"]                                     # the attention bias subvalue
         lres = lin + attn                                                   # Eq. 3

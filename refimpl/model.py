@@ -55,6 +55,7 @@ class Model:
         self.dtype = np.dtype(DTYPES[dtype])
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._scratch: dict[str, np.ndarray] = {}           # per-layer buffers reused by block()
         self._cached = 0
         self._tokenizer = None
         self._check_tensors()
@@ -145,7 +146,8 @@ class Model:
         if self.upcast_cache is not None and src in self.upcast_cache:
             a = self.upcast_cache[src].raw()
             return a.T if transpose else a
-        a = np.asarray(self.stored(name), dtype=self.dtype)
+        a = self._upcast(src)
+        a = a.T if transpose else a
         if name.startswith(PINNED):                 # the readout is used by every analysis: always kept
             self._cache[name] = a
             return a
@@ -158,6 +160,27 @@ class Model:
                 self._cached -= self._cache.pop(key).nbytes
         return a
 
+    def _upcast(self, src: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored tensor `src` in the compute dtype: a view when no conversion is needed, else an
+        exact threaded widening into `out` (a reused buffer) or a new array."""
+        st = self.tensors[src]
+        if st.dtype == {"float32": "F32", "float64": "F64"}[self.dtype.name]:
+            return np.asarray(st.raw(), self.dtype)
+        if out is None or out.shape != tuple(st.shape):
+            out = np.empty(st.shape, self.dtype)
+        return st.cast_into(out)
+
+    def rows(self, name: str, idx) -> np.ndarray:
+        """Rows `idx` of an untied tensor in the compute dtype, without converting the whole tensor."""
+        if name in self._cache:
+            return self._cache[name][idx]
+        src, transpose = self._resolve(name)
+        if transpose:
+            return self.weight(name)[idx]
+        if self.upcast_cache is not None and src in self.upcast_cache:
+            return np.array(self.upcast_cache[src].raw()[idx])
+        return np.asarray(self.tensors[src].numpy()[idx], self.dtype)
+
     def weight_or_zeros(self, name: str, shape: tuple) -> np.ndarray:
         return self.weight(name) if self.has(name) else np.zeros(shape, self.dtype)
 
@@ -166,7 +189,22 @@ class Model:
         if not 0 <= i < self.cfg.n_layers:
             raise RefimplError(f"layer {i} out of range (model has {self.cfg.n_layers} layers)")
         prefix = f"blocks.{i}."
-        return {n[len(prefix):]: self.weight(n) for n in self.tensors if n.startswith(prefix)}
+        names = [n for n in self.tensors if n.startswith(prefix)]
+        if self._fits_cache() or self.upcast_cache is not None:
+            return {n[len(prefix):]: self.weight(n) for n in names}
+        # a model larger than the cache streams: every layer is widened into the same buffers,
+        # so a forward pass allocates (and page-faults) one layer's worth of memory, not L
+        out = {}
+        for n in names:
+            key = n[len(prefix):]
+            if n in self._cache:
+                out[key] = self.weight(n)
+            else:
+                out[key] = self._scratch[key] = self._upcast(n, self._scratch.get(key))
+        return out
+
+    def _fits_cache(self) -> bool:
+        return sum(int(np.prod(t.shape)) for t in self.tensors.values()) * self.dtype.itemsize <= self.cache_bytes
 
     def _check_tensors(self) -> None:
         """Every tensor the forward pass reads exists (or is optional) with the shape the config implies."""

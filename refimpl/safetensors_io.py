@@ -30,6 +30,7 @@ NUMPY_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): 
                np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<i2"): "I16",
                np.dtype("i1"): "I8", np.dtype("u1"): "U8", np.dtype("?"): "BOOL"}
 MAX_HEADER = 100 * 1024 * 1024
+CAST_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -58,6 +59,28 @@ class StoredTensor:
         if self.dtype == "BF16":
             a = bf16_to_f32(a)
         return a if dtype is None else np.asarray(a, dtype=dtype)
+
+    def cast_into(self, out: np.ndarray) -> np.ndarray:
+        """Widen the stored values into `out` (same shape, float32/float64): exact, in row blocks
+        on up to CAST_THREADS threads (NumPy's casts release the GIL), so a large fp16/bf16
+        tensor converts at memory speed and `out` can be a reused buffer."""
+        src = self.raw()
+        rows = src.reshape(src.shape[0], -1) if src.ndim else src.reshape(1, 1)
+        dst = out.reshape(rows.shape)
+        step = max(1, -(-rows.shape[0] // CAST_THREADS))
+
+        def part(a: int) -> None:
+            block = rows[a:a + step]
+            dst[a:a + step] = bf16_to_f32(block) if self.dtype == "BF16" else block
+        starts = range(0, rows.shape[0], step)
+        if self.nbytes < (8 << 20) or len(starts) == 1:
+            for a in starts:
+                part(a)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(len(starts)) as pool:
+                list(pool.map(part, starts))
+        return out
 
 
 def _no_duplicates(pairs):

@@ -13,13 +13,30 @@ from __future__ import annotations
 import numpy as np
 
 from . import bounds
-from .significance import as_readout, ffn_subvalue_significance
+from .significance import as_readout, ffn_subvalue_significance, state_log_probs
 
 DECIDE_MARGIN = 1e-9      # bounds decide a sign only when they clear zero by this much (absolute)
 
 
 def _sort_key(c: np.ndarray, layer: np.ndarray, neuron: np.ndarray) -> np.ndarray:
     return np.lexsort((neuron, layer, -c))
+
+
+def _score_across_layers(trace, layers: np.ndarray, neurons: np.ndarray, w: int, t: int, R):
+    """Exact (C, P) of FFN subvalues from several layers, scored in one stacked product
+    (each over its own base Lres_i; a subvalue that leaves the base unchanged scores 0)."""
+    states, bases = np.empty((len(layers), trace.model.cfg.d_model), trace.model.dtype), []
+    for i in np.unique(layers):
+        sel = np.flatnonzero(layers == i)
+        base = trace.layers[int(i)].lres[t]
+        states[sel] = base + trace.ffn_subvalues(int(i), t, neurons[sel])
+        bases.append((sel, base))
+    lp = state_log_probs(R, states, w)
+    lp0 = np.empty(len(layers))
+    for sel, base in bases:
+        lp0[sel] = float(R.log_prob(base, w))
+        lp[sel[np.all(states[sel] == base, axis=-1)]] = lp0[sel][0]
+    return lp - lp0, np.exp(lp) - np.exp(lp0)
 
 
 def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
@@ -52,13 +69,11 @@ def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen",
             break
         sel = visit[pos:pos + batch]
         pos += len(sel)
-        for i in np.unique(layer[sel]):
-            ns = neuron[sel][layer[sel] == i]
-            c, p = ffn_subvalue_significance(trace, int(i), w, t, neurons=ns, readout=R)
-            got_l.append(np.full(len(ns), i))
-            got_n.append(ns)
-            got_c.append(c)
-            got_p.append(p)
+        c, p = _score_across_layers(trace, layer[sel], neuron[sel], w, t, R)
+        got_l.append(layer[sel])
+        got_n.append(neuron[sel])
+        got_c.append(c)
+        got_p.append(p)
         cc = np.concatenate(got_c)
         if len(cc) >= k:
             kth = np.partition(cc, len(cc) - k)[len(cc) - k]
