@@ -43,23 +43,23 @@ def parts(R: Readout, w: int) -> list[Part]:
     head, m = R.head, R.model
     if not head.adaptive:
         W = lambda: m.weight("unembed.W_U")                                # [d, V]
-        return [Part("vocab", lambda y: y @ W(), lambda e: W() @ e, w)]
+        return [Part("vocab", lambda y: y @ W(), lambda e: e @ W().T, w)]
     n0 = head.n0
 
     def head_scores(y):
         return np.concatenate([head._band_logits(y, 0), y @ m.weight("unembed.adaptive.head.W_cls")], -1)
 
     def head_adj(e):
-        g = m.weight("unembed.adaptive.0.W_U") @ e[..., :n0]
+        g = e[..., :n0] @ m.weight("unembed.adaptive.0.W_U").T                 # adjoints act on [..., n]
         if m.has("unembed.adaptive.0.W_proj"):
-            g = m.weight("unembed.adaptive.0.W_proj") @ g
-        return g + m.weight("unembed.adaptive.head.W_cls") @ e[..., n0:]
+            g = g @ m.weight("unembed.adaptive.0.W_proj").T
+        return g + e[..., n0:] @ m.weight("unembed.adaptive.head.W_cls").T
 
     if w < n0:
         return [Part("head", head_scores, head_adj, w)]
     c = next(c for c, (lo, hi) in enumerate(head.bands) if lo <= w < hi)
     band = Part(f"band{c}", lambda y: head._band_logits(y, c),
-                lambda e: m.weight(f"unembed.adaptive.{c}.W_proj") @ (m.weight(f"unembed.adaptive.{c}.W_U") @ e),
+                lambda e: (e @ m.weight(f"unembed.adaptive.{c}.W_U").T) @ m.weight(f"unembed.adaptive.{c}.W_proj").T,
                 w - head.bands[c][0])
     return [Part("head", head_scores, head_adj, n0 + c - 1), band]
 
@@ -86,22 +86,22 @@ def base_state(R: Readout, base: np.ndarray) -> np.ndarray:
 
 
 def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
-    """g = sum_j N^T S_j^T (e_{w_j} - p_j) [d]: C(v) <= g . v for every v."""
+    """g = sum_j N^T S_j^T (e_{w_j} - p_j) [d] (or [n, d] for bases [n, d]): C(v) <= g . v for every v."""
     if R.kind == "lens":
         raise RefimplError("bounds need a linear readout (frozen or raw), not lens")
     y = base_state(R, base)
-    g = np.zeros(R.model.cfg.d_model, R.model.dtype)
+    g = np.zeros(np.shape(base), R.model.dtype)
     for part in parts(R, w):
         s = part.scores(y)
         if part.name == "vocab":
             s = s + R.head.bias()
         e = -nn.softmax(s)                                                   # -(p)
-        e[part.index] += 1.0                                                 # e_w - p
+        e[..., part.index] += 1.0                                            # e_w - p
         g += part.adjoint(e)
     if R.has_norm:                                                           # N^T = P D / scale
         g = R.gamma * g / scale(R)
         if R.centre:
-            g = g - g.mean()
+            g = g - g.mean(-1, keepdims=True)
     return g
 
 
@@ -200,7 +200,10 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
     key = ("ffn_upper", id(trace), i, t, int(w))                             # top-K and counts share it
     upper = R._memo.get(key)
     if upper is None:
-        g = g_vector(R, trace.layers[i].lres[t], w)
+        gkey = ("g", id(trace), t, int(w))                                   # every layer's g in one product
+        if gkey not in R._memo:
+            R._memo[gkey] = g_vector(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
+        g = R._memo[gkey][i]
         upper = R._memo[key] = m * _matvec_rows(trace.model, f"blocks.{i}.mlp.W_out", g)   # [F]
     if ranges is None:
         return upper, None
