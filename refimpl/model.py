@@ -212,12 +212,13 @@ class Model:
         H, Hk, d, dh, F, V = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff, c.d_vocab
 
         def check(want: dict, optional: dict = {}, layer: int | None = None) -> None:
-            for name, shape in list(want.items()) + list(optional.items()):
+            for name, shape in {**optional, **want}.items():      # want wins over optional
                 src, transpose = self._resolve(name)
                 if src not in self.tensors:
-                    if name in optional:
+                    if name not in want:
                         continue
-                    why = f" (config.json has n_layers={c.n_layers})" if layer is not None and layer > 0 else ""
+                    why = (" (config.json has gated_ffn=true)" if name.endswith("mlp.W_gate") else
+                           f" (config.json has n_layers={c.n_layers})" if layer is not None and layer > 0 else "")
                     raise FormatError(f"{self.path}: tensor {src!r} is missing{why}")
                 got = self.tensors[src].shape[::-1] if transpose else self.tensors[src].shape
                 if tuple(got) != shape:

@@ -69,21 +69,48 @@ class Head:
             out.append(nn.log_softmax(flat[..., lo:hi]) + head[..., self.n0 + c - 1:self.n0 + c])
         return np.concatenate(out, axis=-1)
 
-    def log_prob_of(self, y: np.ndarray, w: int) -> np.ndarray:
-        """log p(w | y) [...] computing only what target w needs (one band for adaptive)."""
+    def target_groups(self, y: np.ndarray, w: int, bias: bool = True) -> list[tuple[np.ndarray, int]]:
+        """The softmax groups that log p(w | y) is made of, as (logits [..., n_g], index of w's term):
+
+            plain softmax:     log p(w) = z_w - logsumexp(z)                        one group
+            adaptive, band 0:  log p(w) = h_w - logsumexp(h)     h = [z_0, z_cls]   one group
+            adaptive, band c:  log p(w) = (h_{cls c} - lse(h)) + (z_c,w - lse(z_c))  two groups
+
+        computing only what target w needs (one band for adaptive). `bias` adds b_U (plain)."""
         m = self.model
         if not self.adaptive:
-            z = y @ m.weight("unembed.W_U") + self.bias()                   # [..., V]
-            return z[..., w] - nn.logsumexp(z)
+            z = y @ m.weight("unembed.W_U")                                 # [..., V]
+            return [(z + self.bias() if bias else z, w)]
         cls = y @ m.weight("unembed.adaptive.head.W_cls")                   # [..., n_bands-1]
         head = np.concatenate([self._band_logits(y, 0), cls], axis=-1)      # [..., n0 + n_bands-1]
-        lse = nn.logsumexp(head)
         if w < self.n0:
-            return head[..., w] - lse
+            return [(head, w)]
         c = next(c for c, (lo, hi) in enumerate(self.bands) if lo <= w < hi)
-        zc = self._band_logits(y, c)
-        lo = self.bands[c][0]
-        return cls[..., c - 1] - lse + zc[..., w - lo] - nn.logsumexp(zc)
+        return [(head, self.n0 + c - 1), (self._band_logits(y, c), w - self.bands[c][0])]
+
+    def log_prob_of(self, y: np.ndarray, w: int) -> np.ndarray:
+        """log p(w | y) [...]: the sum over target_groups of z_sel - logsumexp(z)."""
+        return sum(z[..., sel] - nn.logsumexp(z) for z, sel in self.target_groups(y, w))
+
+
+def log_softmax_shift(lp: np.ndarray, u: np.ndarray, sel: int) -> np.ndarray:
+    """log softmax(z + u)[sel] - log softmax(z)[sel] [n] for lp = log softmax(z) [n_g] and shifts u [n, n_g].
+
+        = u_sel - log sum_j p_j e^{u_j} = u_sel - log1p(sum_j p_j expm1(u_j))
+
+    The log1p/expm1 form keeps the relative precision of u: a subvalue with tiny bs-values
+    gets a tiny, correctly signed increase instead of rounding noise of log p's size
+    (~1e-16), so counts of helpful/unhelpful subvalues do not depend on the BLAS kernel.
+    Rows with a very large shift (expm1 would overflow) use logsumexp(lp + u)."""
+    p = np.exp(lp)                                                          # [n_g]
+    out = np.empty(len(u), dtype=u.dtype)
+    big = u.max(axis=-1) > 300.0                                            # [n]
+    small = ~big
+    if small.any():
+        out[small] = u[small, sel] - np.log1p(np.expm1(u[small]) @ p)
+    if big.any():
+        out[big] = u[big, sel] - nn.logsumexp(lp + u[big])
+    return out
 
 
 def final_log_probs(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -183,6 +210,40 @@ class Readout:
 
     def prob(self, X: np.ndarray, w: int) -> np.ndarray:
         return np.exp(self.log_prob(X, w))
+
+    def increase(self, bases: np.ndarray, which: np.ndarray, V: np.ndarray, w: int,
+                 chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(C, P) [n] of vectors V [n, d] each added to its base bases[which[j]] (Eq. 19):
+
+            C(v) = log p(w | L + v) - log p(w | L),    P(v) = p(w | L + v) - p(w | L)
+
+        With a linear readout (frozen, raw) the logits of L + v are bs(L) + A(v), so C is
+        computed from the bs-values u = A(v) alone (log_softmax_shift): exact to the precision
+        of u, and exactly 0 for v = 0. `lens` is not linear: it scores L + v and L."""
+        bases = np.atleast_2d(np.asarray(bases, self.model.dtype))
+        which = np.asarray(which, dtype=np.int64)
+        V = np.asarray(V, self.model.dtype)
+        lp_base = np.array([float(self.log_prob(b, w)) for b in bases])     # [m]
+        C = np.zeros(len(V))
+        if self.kind == "lens":
+            for s in range(0, len(V), chunk):
+                X = bases[which[s:s + chunk]] + V[s:s + chunk]              # [c, d]
+                C[s:s + chunk] = self.log_prob(X, w) - lp_base[which[s:s + chunk]]
+            C[np.all(V == 0, axis=-1)] = 0.0
+        else:
+            y0 = self.normalise(bases)
+            if self.kind == "frozen" and self.centre and self.beta is not None:
+                y0 = y0 + self.beta
+            groups0 = [(nn.log_softmax(z), sel) for z, sel in self.head.target_groups(y0, w)]   # [m, n_g]
+            for s in range(0, len(V), chunk):
+                groups = self.head.target_groups(self.normalise(V[s:s + chunk]), w, bias=False)  # u [c, n_g]
+                wh = which[s:s + chunk]
+                for b in np.unique(wh):
+                    rows = np.flatnonzero(wh == b)
+                    C[s + rows] = sum(log_softmax_shift(lp0[b], u[rows], sel)
+                                      for (lp0, sel), (u, _) in zip(groups0, groups))
+        p_base = np.exp(lp_base[which])
+        return C, p_base * np.expm1(C)
 
 
 def rank_of(scores: np.ndarray, w: int) -> int:

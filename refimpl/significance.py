@@ -26,13 +26,7 @@ def as_readout(trace, t: int, readout) -> Readout:
 def increases(R: Readout, base: np.ndarray, V: np.ndarray, w: int, chunk: int = CHUNK):
     """(C, P) [n] of vectors V [n, d] added to base [d] (Eq. 19), in chunks of `chunk` vectors."""
     V = np.atleast_2d(V)
-    lp0 = float(R.log_prob(base, w))
-    lp = np.concatenate([R.log_prob(base + V[s:s + chunk], w) for s in range(0, len(V), chunk)]) \
-        if len(V) else np.zeros(0)
-    # A vector that leaves the state unchanged (m = 0 neurons) scores exactly 0: the batched
-    # product rounds differently from the single-vector one used for lp0 (~1e-15 apart).
-    lp[np.all(base + V == base, axis=-1)] = lp0
-    return lp - lp0, np.exp(lp) - np.exp(lp0)
+    return R.increase(base[None], np.zeros(len(V), dtype=np.int64), V, w, chunk)
 
 
 def state_log_probs(R: Readout, X: np.ndarray, w: int, chunk: int = CHUNK) -> np.ndarray:
@@ -61,16 +55,12 @@ def attn_position_significance_all_layers(trace, w: int, t: int = -1, readout="f
     """C and P [L, t+1] of every attention subvalue by source position (heads summed) of every
     layer, scored in one batch (what `locate` ranks)."""
     R = as_readout(trace, t, readout)
-    rows, bases = [], []
-    for i, Lt in enumerate(trace.layers):
-        rows.append(Lt.lin[t] + trace.attn_subvalues(i, t, "position"))      # [t+1, d]
-        bases.append(Lt.lin[t])
-    n = rows[0].shape[0] if rows else 0
-    lp = state_log_probs(R, np.concatenate(rows + [np.array(bases)]), w)
-    lp, lp0 = lp[:-len(bases)].reshape(len(bases), n), lp[-len(bases):, None]
-    sv_zero = np.array([np.all(r == b, axis=-1) for r, b in zip(rows, bases)])
-    lp = np.where(sv_zero, lp0, lp)                                          # exact zeros, as in `increases`
-    return lp - lp0, np.exp(lp) - np.exp(lp0)
+    L = len(trace.layers)
+    sv = np.array([trace.attn_subvalues(i, t, "position") for i in range(L)])   # [L, t+1, d]
+    bases = np.array([Lt.lin[t] for Lt in trace.layers])                     # [L, d]
+    n = sv.shape[1]
+    c, p = R.increase(bases, np.repeat(np.arange(L), n), sv.reshape(L * n, -1), w)
+    return c.reshape(L, n), p.reshape(L, n)
 
 
 def attn_subvalue_significance(trace, i: int, w: int, t: int = -1, by: str = "position", readout="frozen"):

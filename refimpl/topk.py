@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import bounds
-from .significance import as_readout, ffn_subvalue_significance, state_log_probs
+from .significance import as_readout, ffn_subvalue_significance
 
 DECIDE_MARGIN = 1e-9      # bounds decide a sign only when they clear zero by this much (absolute)
 
@@ -25,18 +25,13 @@ def _sort_key(c: np.ndarray, layer: np.ndarray, neuron: np.ndarray) -> np.ndarra
 def _score_across_layers(trace, layers: np.ndarray, neurons: np.ndarray, w: int, t: int, R):
     """Exact (C, P) of FFN subvalues from several layers, scored in one stacked product
     (each over its own base Lres_i; a subvalue that leaves the base unchanged scores 0)."""
-    states, bases = np.empty((len(layers), trace.model.cfg.d_model), trace.model.dtype), []
-    for i in np.unique(layers):
-        sel = np.flatnonzero(layers == i)
-        base = trace.layers[int(i)].lres[t]
-        states[sel] = base + trace.ffn_subvalues(int(i), t, neurons[sel])
-        bases.append((sel, base))
-    lp = state_log_probs(R, states, w)
-    lp0 = np.empty(len(layers))
-    for sel, base in bases:
-        lp0[sel] = float(R.log_prob(base, w))
-        lp[sel[np.all(states[sel] == base, axis=-1)]] = lp0[sel][0]
-    return lp - lp0, np.exp(lp) - np.exp(lp0)
+    uniq, which = np.unique(layers, return_inverse=True)
+    V = np.empty((len(layers), trace.model.cfg.d_model), trace.model.dtype)   # [n, d]
+    for j, i in enumerate(uniq):
+        sel = np.flatnonzero(which == j)
+        V[sel] = trace.ffn_subvalues(int(i), t, neurons[sel])
+    bases = np.array([trace.layers[int(i)].lres[t] for i in uniq])            # [m, d]
+    return R.increase(bases, which, V, w)
 
 
 def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,

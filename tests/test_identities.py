@@ -116,3 +116,43 @@ def test_subkey_linearisation_is_exact(case):
                 k = int(np.argmax(np.abs(pre)))
                 contrib = subkeys.preactivation_contributions(tr, i, t, k, which)
                 assert abs(sum(v for _, v in contrib) - pre[k]) <= tol * 10 * max(1.0, np.abs(pre).max())
+
+
+@SETTINGS
+@given(configs(), st.floats(-30, -12))
+def test_tiny_subvalues_keep_their_sign(case, log10_eps):
+    """C(eps v) = eps g.v + O(eps^2) with g = A^T(e_w - p) (the bound's gradient): for a
+    subvalue far below rounding of log p (~1e-16), the increase must still be that first-order
+    value to relative precision, not noise or 0 (so helpful/unhelpful counts are
+    machine-independent). Checked for plain and adaptive softmax, both linear readouts."""
+    model, tr, tol = _trace(case)
+    if model.dtype != np.float64:
+        return
+    t = tr.T - 1
+    w = int(np.argmax(tr.log_probs[t]))
+    rng = np.random.default_rng(0)
+    V = rng.standard_normal((4, model.cfg.d_model))
+    eps = 10.0 ** log10_eps
+    for kind in ("frozen", "raw"):
+        R = tr.readout(t, kind)
+        base = tr.Lres(0)[t]
+        p = np.exp(R.log_probs(base))                            # [V]
+        d_lp = np.array([_directional(R, base, v, w) for v in V])   # first-order coefficients
+        C, P = R.increase(base[None], np.zeros(4, dtype=np.int64), eps * V, w)
+        # second-order term (eps |u|)^2 is far below this; rounding of log p (~1e-16) is not
+        tol_c = 1e-10 * eps * np.abs(R.bs(V)).max(-1)
+        assert np.all(np.abs(C - eps * d_lp) <= tol_c), (kind, C, eps * d_lp)
+        assert np.all(np.abs(P - p[w] * C) <= 1e-9 * np.abs(p[w] * C) + p[w] * tol_c)
+
+
+def _directional(R, base, v, w):
+    """d/de log p(w | base + e v) at e = 0: log p(w) is a sum of log-softmax groups
+    (Readout.head.target_groups) and d log softmax(z)_sel = u_sel - softmax(z).u."""
+    y0 = R.normalise(base)
+    if R.kind == "frozen" and R.centre and R.beta is not None:
+        y0 = y0 + R.beta
+    total = 0.0
+    for (z, sel), (u, _) in zip(R.head.target_groups(y0, w), R.head.target_groups(R.normalise(v), w, bias=False)):
+        q = np.exp(z - z.max())
+        total += u[sel] - (q / q.sum()) @ u
+    return total

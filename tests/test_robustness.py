@@ -566,6 +566,7 @@ CANONICAL_CASES = {
     "config-string-theta": ("config.json", {"rope_theta": "big"}),
     "config-bad-prepend": ("config.json", {"prepend_ids": [10**6]}),
     "config-other-format": ("config.json", {"format": "something-else"}),
+    "config-gated-without-gate": ("config.json", {"gated_ffn": True}),
     "config-missing-field": ("config.json", "drop-d_model"),
     "config-missing": ("config.json", "delete"),
     "weights-header-cut": ("model.safetensors", "mid-header"),
