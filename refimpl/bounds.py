@@ -147,6 +147,12 @@ def compute_ranges(R: Readout, chunk: int = 512) -> dict[str, np.ndarray]:
     return {n: r * (1 + RANGE_SAFETY) for n, r in out.items()}
 
 
+def ranges_ready(R: Readout) -> bool:
+    """Whether neuron_ranges(R) is already computed (in memory or in the cache, e.g. by `refimpl prepare`)."""
+    kind = "raw" if not R.has_norm else "frozen"
+    return kind in getattr(R.model, "_range_cache", {}) or os.path.exists(_cache_path(R.model, kind))
+
+
 def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
     """compute_ranges, loaded from / saved to the model's cache (cache/ beside the model,
     or ~/.cache/refimpl when the model directory is read-only)."""

@@ -61,7 +61,8 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
            readout: str = "frozen", exhaustive: bool = False, counts="auto") -> dict:
     """The report as a dict (the `--json` contract). counts: True, False or "auto" (the per-layer
     helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
-    small: the ranges they need cost under AUTO_COUNTS_COST multiply-adds; see `refimpl prepare`)."""
+    small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
+    has cached those ranges already)."""
     t0 = time.perf_counter()
     trace = run(model, prompt_or_ids)
     t = resolve_position(trace, position)
@@ -100,11 +101,12 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
     if counts == "auto":
-        counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST
+        counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST or \
+            (R.kind != "lens" and bounds.ranges_ready(R))
         if not counts:
-            result["ffn_counts_note"] = ("per-layer helpful/unhelpful counts skipped on a model this size: pass "
-                                         "--counts yes (exact; the per-neuron ranges they need are computed once "
-                                         "and cached, see `refimpl prepare`)")
+            result["ffn_counts_note"] = ("per-layer helpful/unhelpful counts skipped on a model this size: run "
+                                         "`refimpl prepare` once (computes and caches the per-neuron ranges they "
+                                         "need) or pass --counts yes")
     if counts:
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
     if len(ffn["layer"]):

@@ -9,6 +9,7 @@ model do not re-convert, while a model larger than RAM streams layer by layer.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 
@@ -204,7 +205,9 @@ class Model:
         return out
 
     def _fits_cache(self) -> bool:
-        return sum(int(np.prod(t.shape)) for t in self.tensors.values()) * self.dtype.itemsize <= self.cache_bytes
+        if getattr(self, "_n_elements", None) is None:
+            self._n_elements = sum(math.prod(t.shape) for t in self.tensors.values())
+        return self._n_elements * self.dtype.itemsize <= self.cache_bytes
 
     def _check_tensors(self) -> None:
         """Every tensor the forward pass reads exists (or is optional) with the shape the config implies."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf
 
 
 # --- normalisation --------------------------------------------------------------------
@@ -54,6 +53,7 @@ def gelu_new(x):
 
 def gelu(x):
     """Exact (erf) GELU."""
+    from scipy.special import erf          # imported here: scipy.special costs ~0.4 s at start-up
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 

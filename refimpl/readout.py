@@ -211,6 +211,21 @@ class Readout:
     def prob(self, X: np.ndarray, w: int) -> np.ndarray:
         return np.exp(self.log_prob(X, w))
 
+    def _base_groups(self, bases: np.ndarray, w: int) -> list[tuple[np.ndarray, int]]:
+        """Log-softmax of each target group at residual states `bases` [m, d], memoised per
+        state (the same Lin_i / Lres_i are scored by the top-K search, the counts and the report)."""
+        keys = [("groups", int(w), b.tobytes()) for b in bases]
+        todo = [j for j, k in enumerate(keys) if k not in self._memo]
+        if todo:
+            y0 = self.normalise(bases[todo])
+            if self.kind == "frozen" and self.centre and self.beta is not None:
+                y0 = y0 + self.beta
+            groups = [(nn.log_softmax(z), sel) for z, sel in self.head.target_groups(y0, w)]   # [len(todo), n_g]
+            for r, j in enumerate(todo):
+                self._memo[keys[j]] = [(lp[r], sel) for lp, sel in groups]
+        rows = [self._memo[k] for k in keys]
+        return [(np.stack([row[g][0] for row in rows]), sel) for g, (_, sel) in enumerate(rows[0])]
+
     def increase(self, bases: np.ndarray, which: np.ndarray, V: np.ndarray, w: int,
                  chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(C, P) [n] of vectors V [n, d] each added to its base bases[which[j]] (Eq. 19):
@@ -223,18 +238,16 @@ class Readout:
         bases = np.atleast_2d(np.asarray(bases, self.model.dtype))
         which = np.asarray(which, dtype=np.int64)
         V = np.asarray(V, self.model.dtype)
-        lp_base = np.array([float(self.log_prob(b, w)) for b in bases])     # [m]
         C = np.zeros(len(V))
         if self.kind == "lens":
+            lp_base = np.array([float(self.log_prob(b, w)) for b in bases])     # [m]
             for s in range(0, len(V), chunk):
                 X = bases[which[s:s + chunk]] + V[s:s + chunk]              # [c, d]
                 C[s:s + chunk] = self.log_prob(X, w) - lp_base[which[s:s + chunk]]
             C[np.all(V == 0, axis=-1)] = 0.0
         else:
-            y0 = self.normalise(bases)
-            if self.kind == "frozen" and self.centre and self.beta is not None:
-                y0 = y0 + self.beta
-            groups0 = [(nn.log_softmax(z), sel) for z, sel in self.head.target_groups(y0, w)]   # [m, n_g]
+            groups0 = self._base_groups(bases, w)                               # [(lp [m, n_g], sel)]
+            lp_base = sum(lp[:, sel] for lp, sel in groups0)                    # [m] log p(w | base)
             for s in range(0, len(V), chunk):
                 groups = self.head.target_groups(self.normalise(V[s:s + chunk]), w, bias=False)  # u [c, n_g]
                 wh = which[s:s + chunk]

@@ -84,6 +84,9 @@ def ffn_subvalue_significance(trace, i: int, w: int, t: int = -1, neurons=None, 
 
     All neurons by default, computed chunk by chunk (memory: chunk x V)."""
     R = as_readout(trace, t, readout)
+    key = ("ffn_all", id(trace), i, t % trace.T, int(w))     # a whole layer is scored once per readout
+    if neurons is None and key in R._memo:
+        return R._memo[key]
     base = trace.layers[i].lres[t]
     idx = np.arange(trace.model.cfg.d_ff) if neurons is None else np.asarray(neurons, dtype=np.int64)
     cs, ps = [], []
@@ -91,9 +94,10 @@ def ffn_subvalue_significance(trace, i: int, w: int, t: int = -1, neurons=None, 
         c, p = increases(R, base, trace.ffn_subvalues(i, t, idx[s:s + chunk]), w, chunk)
         cs.append(c)
         ps.append(p)
-    if not cs:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(cs), np.concatenate(ps)
+    out = (np.concatenate(cs), np.concatenate(ps)) if cs else (np.zeros(0), np.zeros(0))
+    if neurons is None:
+        R._memo[key] = out
+    return out
 
 
 def ffn_layer_summary(trace, i: int, w: int, t: int = -1, readout="frozen", scores=None) -> dict:

@@ -87,6 +87,7 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
     R = as_readout(trace, t, readout)
     out = []
     ranges = None if (exhaustive or R.kind == "lens") else bounds.neuron_ranges(R)
+    layers = []
     for i, Ltr in enumerate(trace.layers):
         m = Ltr.m[t]
         if ranges is None:
@@ -100,8 +101,15 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
         zero = m == 0
         pos_ = (lo > DECIDE_MARGIN) & ~zero
         neg_ = (up < -DECIDE_MARGIN) & ~zero
-        und = np.flatnonzero(~(pos_ | neg_ | zero))
-        c_und = ffn_subvalue_significance(trace, i, w, t, neurons=und, readout=R)[0]
+        layers.append((i, m, up, lo, pos_, neg_, np.flatnonzero(~(pos_ | neg_ | zero))))
+    if ranges is None:
+        return out
+    # the undecided neurons of every layer, scored exactly in one stacked product
+    und_l = np.concatenate([np.full(len(und), i) for i, *_, und in layers]).astype(np.int64)
+    und_n = np.concatenate([und for *_, und in layers]).astype(np.int64)
+    c_all = _score_across_layers(trace, und_l, und_n, w, t, R)[0] if len(und_n) else np.zeros(0)
+    for i, m, up, lo, pos_, neg_, und in layers:
+        c_und = c_all[und_l == i]
         helpful = int(pos_.sum() + (c_und > 0).sum())
         # top-10 share bracket: exact C of helpful neurons lies in [max(lo, 0), up]
         lo_h = np.concatenate([np.maximum(lo[pos_], 0), c_und[c_und > 0]])
