@@ -86,7 +86,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     # vocabulary views of all chosen subvalues (and of the bare fc2 rows) in one product
     vecs = [trace.attn_subvalues(i, t, "position")[j] for i, j in attn]
     vecs += [trace.ffn_subvalues(int(i), t, [int(k)])[0] for i, k in zip(ffn["layer"], ffn["neuron"])]
-    vecs += [model.weight(f"blocks.{int(i)}.mlp.W_out")[int(k)] for i, k in zip(ffn["layer"], ffn["neuron"])]
+    vecs += [model.rows(f"blocks.{int(i)}.mlp.W_out", int(k)) for i, k in zip(ffn["layer"], ffn["neuron"])]
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
     toks = lambda row: [model.token_str(x) for x in top_ids(row, N_TOP_TOKENS)]
     tops = [{"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],

@@ -172,15 +172,24 @@ class Model:
         return st.cast_into(out)
 
     def rows(self, name: str, idx) -> np.ndarray:
-        """Rows `idx` of an untied tensor in the compute dtype, without converting the whole tensor."""
+        """Rows `idx` of a tensor in the compute dtype (a copy), without converting the whole tensor."""
+        return self._take(name, (idx,))
+
+    def columns(self, name: str, idx) -> np.ndarray:
+        """Columns `idx` of a 2-d tensor in the compute dtype (a copy), without converting the whole tensor."""
+        return self._take(name, (slice(None), idx))
+
+    def _take(self, name: str, index: tuple) -> np.ndarray:
+        # a copy, never a view: a view would keep a whole upcast tensor alive
         if name in self._cache:
-            return self._cache[name][idx]
+            return np.array(self._cache[name][index])
         src, transpose = self._resolve(name)
         if transpose:
-            return self.weight(name)[idx]
+            return self.tensors[src].take(index[::-1], self.dtype).T if len(index) == 2 else \
+                np.array(self.weight(name)[index])
         if self.upcast_cache is not None and src in self.upcast_cache:
-            return np.array(self.upcast_cache[src].raw()[idx])
-        return np.asarray(self.tensors[src].numpy()[idx], self.dtype)
+            return np.array(self.upcast_cache[src].raw()[index])
+        return self.tensors[src].take(index, self.dtype)
 
     def weight_or_zeros(self, name: str, shape: tuple) -> np.ndarray:
         return self.weight(name) if self.has(name) else np.zeros(shape, self.dtype)

@@ -60,6 +60,14 @@ class StoredTensor:
             a = bf16_to_f32(a)
         return a if dtype is None else np.asarray(a, dtype=dtype)
 
+    def take(self, index, dtype) -> np.ndarray:
+        """A copy of the stored values at `index` (rows, columns, ...) in `dtype`, reading only
+        those values (bf16 widened exactly)."""
+        a = self.raw()[index]
+        if self.dtype == "BF16":
+            a = bf16_to_f32(a)
+        return np.array(a, dtype=dtype)
+
     def cast_into(self, out: np.ndarray) -> np.ndarray:
         """Widen the stored values into `out` (same shape, float32/float64): exact, in row blocks
         on up to CAST_THREADS threads (NumPy's casts release the GIL), so a large fp16/bf16

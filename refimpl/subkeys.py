@@ -45,8 +45,8 @@ def subkey(model, i: int, k=None, which: str = "in") -> Subkey:
     if k is not None and not np.all((0 <= np.asarray(k)) & (np.asarray(k) < model.cfg.d_ff)):
         raise RefimplError(f"neuron {k} out of range (FFN width {model.cfg.d_ff})")
     p = f"blocks.{i}."
-    W = model.weight(p + ("mlp.W_in" if which == "in" else "mlp.W_gate"))   # [d, F]
-    W = W if k is None else W[:, k]
+    name = p + ("mlp.W_in" if which == "in" else "mlp.W_gate")
+    W = model.weight(name) if k is None else model.columns(name, k)       # [d, F] or [d] / [d, n]
     gamma = model.weight(p + "ln2.w")                                       # [d]
     K = gamma[:, None] * W if W.ndim == 2 else gamma * W
     B = np.zeros(K.shape[1:], model.dtype)

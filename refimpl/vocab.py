@@ -33,6 +33,6 @@ def ffn_subvalue_view(trace, i: int, neuron: int, t: int, w: int | None, R: Read
     out = vocab_view(model, R, trace.ffn_subvalues(i, t, [neuron])[0], w, k)
     out["coefficient"] = float(trace.layers[i].m[t % trace.T, neuron])
     if w is not None:
-        fc2 = model.weight(f"blocks.{i}.mlp.W_out")[neuron]                 # [d]
+        fc2 = model.rows(f"blocks.{i}.mlp.W_out", neuron)                   # [d]
         out["target_rank_in_fc2"] = rank_of(R.bs(fc2), int(w))
     return out
