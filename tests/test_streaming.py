@@ -31,3 +31,28 @@ def test_streaming_equals_cached(tmp_path, family, store, dtype):
     for sa, sb in zip(ra["top_subvalues"], rb["top_subvalues"]):
         assert abs(sa["log_prob_increase"] - sb["log_prob_increase"]) <= tol * max(1, abs(sa["log_prob_increase"]))
     assert ra["ffn_counts"] == rb["ffn_counts"] or dtype == "float32"
+
+
+@pytest.mark.parametrize("family,store", [("gpt2", "F32"), ("llama", "F16"), ("fairseq_lm", "F32")])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_rows_and_columns_are_exact_copies(tmp_path, family, store, dtype):
+    """Model.rows / Model.columns equal the slices of the whole upcast tensor (ties resolved),
+    and never share memory with a cached or mapped tensor (a view would keep a whole upcast
+    layer alive: the 7B float64 run held 8 GB that way)."""
+    sizes = dict(n_layers=2, d_model=16, n_heads=2, d_ff=24, d_vocab=40)
+    d = tmp_path / "m"
+    write_random_model(str(d), random_config(family, **sizes), seed=4, dtype=store)
+    for cache_bytes in (1 << 30, 0):
+        m = refimpl.load(str(d), dtype=dtype, cache_bytes=cache_bytes)
+        names = ["blocks.1.mlp.W_out", "blocks.0.mlp.W_in", "blocks.0.attn.W_O"]
+        names += ["unembed.W_U"] if m.has("unembed.W_U") else []
+        for name in names:
+            whole = np.array(m.weight(name))
+            for idx in (1, [1, 0, 1], np.array([1])):
+                r = m.rows(name, idx)
+                assert r.dtype == m.dtype and np.array_equal(r, whole[idx])
+                assert not np.shares_memory(r, m.weight(name))
+                if whole.ndim == 2:
+                    c = m.columns(name, idx)
+                    assert c.dtype == m.dtype and np.array_equal(c, whole[:, idx])
+                    assert not np.shares_memory(c, m.weight(name))
