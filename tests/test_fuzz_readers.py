@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import converters
 import refimpl
-from refimpl.errors import FormatError, RefimplError
+from refimpl.errors import RefimplError
 from refimpl.safetensors_io import read_header, spec_of, write_safetensors
 from refimpl.synthetic import random_config, write_random_model
 from tests.conftest import ROOT, STORIES

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import refimpl
 from refimpl import subkeys
 from refimpl.decomposition import layer_vectors
-from tests.helpers import assert_close, random_model
+from tests.helpers import assert_close, draw_sizes, random_model
 
 TOL = {"float64": 1e-12, "float32": 3e-5}
 
@@ -17,19 +17,7 @@ TOL = {"float64": 1e-12, "float32": 3e-5}
 @st.composite
 def configs(draw):
     family = draw(st.sampled_from(["gpt2", "llama", "fairseq_lm"]))
-    n_heads = draw(st.sampled_from([1, 2, 4]))
-    d_head = draw(st.sampled_from([2, 4, 8]))
-    sizes = dict(n_layers=draw(st.integers(1, 3)), n_heads=n_heads, d_head=d_head,
-                 d_model=draw(st.sampled_from([8, 16, 24])), d_ff=draw(st.integers(4, 40)),
-                 d_vocab=draw(st.integers(12, 70)), n_ctx=32)
-    if family == "llama":
-        sizes["n_kv_heads"] = draw(st.sampled_from([k for k in (1, 2, 4) if n_heads % k == 0]))
-    if family == "fairseq_lm":
-        V = sizes["d_vocab"]
-        c1 = draw(st.integers(2, V - 4))
-        c2 = draw(st.integers(c1 + 1, V - 1))
-        sizes["cutoffs"] = draw(st.sampled_from([[c1], [c1, c2]]))
-        sizes["d_model"] = 16 * draw(st.integers(1, 2))       # bands of width d/4, d/16
+    sizes = draw_sizes(draw, st, family)
     dtype = draw(st.sampled_from(["float64", "float32"]))
     seed = draw(st.integers(0, 3))
     T = draw(st.integers(1, 7))

@@ -10,8 +10,8 @@ import refimpl
 from refimpl import bounds
 from refimpl.errors import RefimplError
 from refimpl.topk import ffn_counts, top_ffn_subvalues
-from tests.helpers import random_model
-from tests.test_analyses import TOL, Slow, near, slow_ffn_subvalues
+from tests.helpers import draw_sizes, random_model
+from tests.test_analyses import Slow, near, slow_ffn_subvalues
 
 SLACK = 1e-12          # absolute rounding slack on the bounds
 
@@ -21,18 +21,7 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 @st.composite
 def cases(draw):
     family = draw(st.sampled_from(["gpt2", "llama", "fairseq_lm"]))
-    n_heads = draw(st.sampled_from([1, 2, 4]))
-    sizes = dict(n_layers=draw(st.integers(1, 3)), n_heads=n_heads, d_head=draw(st.sampled_from([2, 4])),
-                 d_model=draw(st.sampled_from([8, 16, 24])), d_ff=draw(st.integers(4, 48)),
-                 d_vocab=draw(st.integers(12, 80)), n_ctx=16)
-    if family == "llama":
-        sizes["n_kv_heads"] = draw(st.sampled_from([k for k in (1, 2, 4) if n_heads % k == 0]))
-    if family == "fairseq_lm":
-        V = sizes["d_vocab"]
-        c1 = draw(st.integers(2, V - 4))
-        c2 = draw(st.integers(c1 + 1, V - 1))
-        sizes["cutoffs"] = draw(st.sampled_from([[c1], [c1, c2]]))
-        sizes["d_model"] = 16 * draw(st.integers(1, 2))       # bands of width d/4, d/16
+    sizes = draw_sizes(draw, st, family, d_heads=(2, 4), d_ff_max=48, vocab_max=80, n_ctx=16)
     seed = draw(st.integers(0, 3))
     T = draw(st.integers(1, 6))
     ids = draw(st.lists(st.integers(2, sizes["d_vocab"] - 1), min_size=T, max_size=T))   # no pad id 1
