@@ -3,6 +3,7 @@
 float64: 1e-12 relative; float32: float32 rounding (a few hundred ulps of the largest term).
 """
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,3 +145,20 @@ def _directional(R, base, v, w):
         q = np.exp(z - z.max())
         total += u[sel] - (q / q.sum()) @ u
     return total
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+def test_log_softmax_shift_large_and_tiny_shifts(dtype, rtol):
+    """log_softmax_shift against the definition log softmax(z + u) - log softmax(z) computed in
+    float64, for shifts from 1e-8 to 500 (expm1 would overflow float32 beyond ~88)."""
+    from refimpl import nn
+    from refimpl.readout import log_softmax_shift
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(50).astype(dtype)
+    u = (rng.standard_normal((5, 50)) * np.array([1e-8, 1, 60, 100, 500])[:, None]).astype(dtype)
+    got = log_softmax_shift(nn.log_softmax(z), u, 3)
+    z64, u64 = z.astype(np.float64), u.astype(np.float64)
+    want = (nn.log_softmax(z64 + u64) - nn.log_softmax(z64))[:, 3]
+    assert np.all(np.isfinite(got))
+    # the reference itself is only good to ~1e-16 absolute (it subtracts two log-probabilities)
+    assert np.all(np.abs(got - want) <= rtol * np.maximum(np.abs(want), np.abs(u64).max(-1)) + 1e-15)
