@@ -70,7 +70,8 @@ def cmd_locate(p, args=None):
         p.add_argument("--top", type=positive_int, default=10, help="K best subvalues of each kind (default 10)")
         p.add_argument("--exhaustive", action="store_true", help="score every FFN subvalue by brute force")
         p.add_argument("--counts", choices=["auto", "yes", "no"], default="auto",
-                       help="per-layer helpful/unhelpful counts (auto: for small models and with --exhaustive)")
+                       help="per-layer helpful/unhelpful counts (auto: on small models, after "
+                            "`refimpl prepare`, and with --exhaustive)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
         return
     from .locate import format_report, locate
