@@ -286,6 +286,11 @@ def identical(a: dict, b: dict) -> dict:
     pdiff = max((abs(x["prob_increase"] - y["prob_increase"]) for x, y in zip(ta, tb)), default=0.0)
     out = {"same_indices": same_idx, "max_abs_diff_C": diff, "max_abs_diff_P": pdiff,
            "identical": bool(same_idx and diff <= 1e-12 and pdiff <= 1e-12)}
+    aa, ab = a.get("attn_top"), b.get("attn_top")
+    if aa is not None and ab is not None:
+        out["same_attn"] = [(x["layer"], x["index"]) for x in aa] == [(x["layer"], x["index"]) for x in ab] and \
+            max((abs(x["log_prob_increase"] - y["log_prob_increase"]) for x, y in zip(aa, ab)), default=0.0) <= 1e-12
+        out["identical"] = out["identical"] and out["same_attn"]
     ca, cb = a.get("ffn_counts"), b.get("ffn_counts")
     if ca and cb:
         out["same_counts"] = all((x["activated"], x["helpful"], x["unhelpful"]) == (y["activated"], y["helpful"], y["unhelpful"])

@@ -203,14 +203,15 @@ def _matvec_rows(model, name: str, g: np.ndarray, block: int = 2048) -> np.ndarr
 def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = None):
     """(upper [F], lower [F] or None) on C of every FFN subvalue of layer i at position t."""
     m = trace.layers[i].m[t]                                                 # [F]
-    key = ("ffn_upper", id(trace), i, t, int(w))                             # top-K and counts share it
-    upper = R._memo.get(key)
+    memo, t = R.trace_memo(trace), t % trace.T
+    key = ("ffn_upper", i, t, int(w))                                        # top-K and counts share it
+    upper = memo.get(key)
     if upper is None:
-        gkey = ("g", id(trace), t, int(w))                                   # every layer's g in one product
-        if gkey not in R._memo:
-            R._memo[gkey] = g_vector(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
-        g = R._memo[gkey][i]
-        upper = R._memo[key] = m * _matvec_rows(trace.model, f"blocks.{i}.mlp.W_out", g)   # [F]
+        gkey = ("g", t, int(w))                                              # every layer's g in one product
+        if gkey not in memo:
+            memo[gkey] = g_vector(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
+        g = memo[gkey][i]
+        upper = memo[key] = m * _matvec_rows(trace.model, f"blocks.{i}.mlp.W_out", g)   # [F]
     if ranges is None:
         return upper, None
     slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0

@@ -18,8 +18,8 @@ from . import bounds, tracing
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
-from .significance import attn_position_significance_all_layers, layer_significance
-from .topk import ffn_counts, top_ffn_subvalues
+from .significance import layer_significance
+from .topk import ffn_counts, top_attn_subvalues, top_ffn_subvalues
 
 N_TOP_TOKENS = 10
 AUTO_COUNTS_COST = 1e11     # embedded model 2.7e8, stories260K 2.8e7; GPT2-medium 5e12 (opt in with --counts yes)
@@ -78,10 +78,9 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
         "layers": layer_significance(trace, w, t, R),
     }
-    # attention subvalues by source position, heads summed, over all layers (one batch)
-    ca, pa = attn_position_significance_all_layers(trace, w, t, R)          # [L, t+1]
-    order = np.lexsort((np.arange(ca.size) % ca.shape[1], np.arange(ca.size) // ca.shape[1], -ca.ravel()))[:top]
-    attn = [(i, j) for i, j in (divmod(int(o), ca.shape[1]) for o in order)]
+    # attention subvalues by source position, heads summed, over all layers: exact top-K
+    att = top_attn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
+    attn = [(int(i), int(j)) for i, j in zip(att["layer"], att["position"])]
     ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
     # vocabulary views of all chosen subvalues (and of the bare fc2 rows) in one product
     vecs = [trace.attn_subvalues(i, t, "position")[j] for i, j in attn]
@@ -90,8 +89,9 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
     toks = lambda row: [model.token_str(x) for x in top_ids(row, N_TOP_TOKENS)]
     tops = [{"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
-             "log_prob_increase": float(ca[i, j]), "prob_increase": float(pa[i, j]),
-             "target_rank": rank_of(bs[n], w), "top_tokens": toks(bs[n])} for n, (i, j) in enumerate(attn)]
+             "log_prob_increase": float(c), "prob_increase": float(p),
+             "target_rank": rank_of(bs[n], w), "top_tokens": toks(bs[n])}
+            for n, ((i, j), c, p) in enumerate(zip(attn, att["log_prob_increase"], att["prob_increase"]))]
     nf = len(ffn["layer"])
     for n, (i, k, c, p) in enumerate(zip(ffn["layer"], ffn["neuron"], ffn["log_prob_increase"], ffn["prob_increase"])):
         row, fc2 = bs[len(attn) + n], bs[len(attn) + nf + n]
@@ -100,6 +100,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
                      "coefficient": float(trace.layers[int(i)].m[t, int(k)]), "top_tokens": toks(row)})
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
+    result["attn_scored"] = int(att["scored"])
     if counts == "auto":
         counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST or \
             (R.kind != "lens" and bounds.ranges_ready(R))
@@ -183,5 +184,6 @@ def format_report(r: dict) -> str:
             for s in ts["subvalues"]:
                 lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
     lines.append("")
-    lines.append(f"({r['ffn_scored']} FFN subvalues scored exactly for the top-K; {r['seconds']:.2f} s)")
+    lines.append(f"({r['ffn_scored']} FFN and {r['attn_scored']} attention subvalues scored exactly for the top-K; "
+                 f"{r['seconds']:.2f} s)")
     return "\n".join(lines)

@@ -18,6 +18,8 @@ two-level log-softmax.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from . import nn
@@ -101,15 +103,19 @@ def log_softmax_shift(lp: np.ndarray, u: np.ndarray, sel: int) -> np.ndarray:
     The log1p/expm1 form keeps the relative precision of u: a subvalue with tiny bs-values
     gets a tiny, correctly signed increase instead of rounding noise of log p's size
     (~1e-16), so counts of helpful/unhelpful subvalues do not depend on the BLAS kernel.
-    Rows with a very large shift (expm1 would overflow) use logsumexp(lp + u)."""
+    Rows where that form loses precision use logsumexp(lp + u) instead: a very large shift
+    (expm1 would overflow) or a sum below 1/2 (log1p of a number near -1)."""
     p = np.exp(lp)                                                          # [n_g]
     out = np.empty(len(u), dtype=u.dtype)
-    big = u.max(axis=-1) > 0.5 * np.log(np.finfo(u.dtype).max)             # [n] (44 in float32, 354 in float64)
-    small = ~big
-    if small.any():
-        out[small] = u[small, sel] - np.log1p(np.expm1(u[small]) @ p)
-    if big.any():
-        out[big] = u[big, sel] - nn.logsumexp(lp + u[big])
+    use_lse = u.max(axis=-1) > 0.5 * np.log(np.finfo(u.dtype).max)        # [n] expm1 would overflow
+    small = np.flatnonzero(~use_lse)
+    if len(small):
+        x = np.expm1(u[small]) @ p                                          # sum_j p_j expm1(u_j) = S - 1
+        ok = x > -0.5       # S < 1/2: log1p would cancel (S - 1 with sum p = 1 +- eps); logsumexp is exact there
+        out[small[ok]] = u[small[ok], sel] - np.log1p(x[ok])
+        use_lse[small[~ok]] = True
+    if use_lse.any():
+        out[use_lse] = u[use_lse, sel] - nn.logsumexp(lp + u[use_lse])
     return out
 
 
@@ -150,6 +156,7 @@ class Readout:
         self.centre = self.has_norm and cfg.norm == "layernorm"
         self._offset = None
         self._memo: dict = {}
+        self._trace_ref, self._trace_memo = None, {}
 
     # -- the linear map A and the offset c --------------------------------------------
     def normalise(self, V: np.ndarray) -> np.ndarray:
@@ -211,6 +218,14 @@ class Readout:
     def prob(self, X: np.ndarray, w: int) -> np.ndarray:
         return np.exp(self.log_prob(X, w))
 
+    def trace_memo(self, trace) -> dict:
+        """A memo for results that depend on one trace (bounds, whole-layer scores). A Readout
+        can be reused with another trace (raw and lens do not depend on it), so the memo is
+        tied to the trace object itself and starts empty for a different one."""
+        if self._trace_ref is None or self._trace_ref() is not trace:
+            self._trace_ref, self._trace_memo = weakref.ref(trace), {}
+        return self._trace_memo
+
     def _base_groups(self, bases: np.ndarray, w: int) -> list[tuple[np.ndarray, int]]:
         """Log-softmax of each target group at residual states `bases` [m, d], memoised per
         state (the same Lin_i / Lres_i are scored by the top-K search, the counts and the report)."""
@@ -244,7 +259,7 @@ class Readout:
             for s in range(0, len(V), chunk):
                 X = bases[which[s:s + chunk]] + V[s:s + chunk]              # [c, d]
                 C[s:s + chunk] = self.log_prob(X, w) - lp_base[which[s:s + chunk]]
-            C[np.all(V == 0, axis=-1)] = 0.0
+            C[np.all(bases[which] + V == bases[which], axis=-1)] = 0.0           # state unchanged: exactly 0
         else:
             groups0 = self._base_groups(bases, w)                               # [(lp [m, n_g], sel)]
             lp_base = sum(lp[:, sel] for lp, sel in groups0)                    # [m] log p(w | base)

@@ -84,9 +84,9 @@ def ffn_subvalue_significance(trace, i: int, w: int, t: int = -1, neurons=None, 
 
     All neurons by default, computed chunk by chunk (memory: chunk x V)."""
     R = as_readout(trace, t, readout)
-    key = ("ffn_all", id(trace), i, t % trace.T, int(w))     # a whole layer is scored once per readout
-    if neurons is None and key in R._memo:
-        return R._memo[key]
+    memo, key = R.trace_memo(trace), ("ffn_all", i, t % trace.T, int(w))   # a whole layer is scored once
+    if neurons is None and key in memo:
+        return memo[key]
     base = trace.layers[i].lres[t]
     idx = np.arange(trace.model.cfg.d_ff) if neurons is None else np.asarray(neurons, dtype=np.int64)
     cs, ps = [], []
@@ -96,7 +96,7 @@ def ffn_subvalue_significance(trace, i: int, w: int, t: int = -1, neurons=None, 
         ps.append(p)
     out = (np.concatenate(cs), np.concatenate(ps)) if cs else (np.zeros(0), np.zeros(0))
     if neurons is None:
-        R._memo[key] = out
+        memo[key] = out
     return out
 
 

@@ -1,4 +1,4 @@
-"""Exact top-K FFN subvalues over all layers without scoring every subvalue (docs/topk.md).
+"""Exact top-K FFN (and attention) subvalues over all layers without scoring every subvalue (docs/topk.md).
 
 Branch and bound on the upper bound of bounds.py: visit neurons in decreasing upper
 bound, score them exactly, and stop as soon as the next upper bound is below the K-th
@@ -34,6 +34,28 @@ def _score_across_layers(trace, layers: np.ndarray, neurons: np.ndarray, w: int,
     return R.increase(bases, which, V, w)
 
 
+def _branch_and_bound(upper: np.ndarray, layer: np.ndarray, index: np.ndarray, k: int, score, batch: int):
+    """Exact top-k of (layer, index) items by score, visiting them in decreasing `upper`
+    (an upper bound on each score) and stopping once the next bound cannot reach the k-th
+    best exact score. `score(layers, indices) -> (C, P)`. Returns (layer, index, C, P, scored)."""
+    visit = np.lexsort((index, layer, -upper))
+    got = []                                                                # [(layer, index, C, P)] per batch
+    kth, pos, n = -np.inf, 0, 0
+    while pos < len(visit):
+        if n >= k and upper[visit[pos]] + DECIDE_MARGIN < kth:
+            break
+        sel = visit[pos:pos + batch]
+        pos += len(sel)
+        got.append((layer[sel], index[sel], *score(layer[sel], index[sel])))
+        n += len(sel)
+        cc = np.concatenate([g[2] for g in got])
+        if len(cc) >= k:
+            kth = np.partition(cc, len(cc) - k)[len(cc) - k]
+    lay, idx, c, p = (np.concatenate([g[j] for g in got]) for j in range(4))
+    order = _sort_key(c, lay, idx)[:k]
+    return lay[order], idx[order], c[order], p[order], len(c)
+
+
 def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
                       batch: int = 64) -> dict:
     """The k FFN subvalues with the largest log-probability increase over all layers.
@@ -54,30 +76,35 @@ def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen",
     ups = [bounds.ffn_bounds(trace, i, w, t, R)[0] for i in range(L)]
     layer = np.concatenate([np.full(len(u), i) for i, u in enumerate(ups)])
     neuron = np.concatenate([np.arange(len(u)) for u in ups])
-    upper = np.concatenate(ups)
-    visit = np.lexsort((neuron, layer, -upper))
-    got_l, got_n, got_c, got_p = [], [], [], []
-    kth = -np.inf
-    pos = 0
-    while pos < len(visit):
-        if sum(map(len, got_c)) >= k and upper[visit[pos]] < kth:       # (got_c holds arrays)
-            break
-        sel = visit[pos:pos + batch]
-        pos += len(sel)
-        c, p = _score_across_layers(trace, layer[sel], neuron[sel], w, t, R)
-        got_l.append(layer[sel])
-        got_n.append(neuron[sel])
-        got_c.append(c)
-        got_p.append(p)
-        cc = np.concatenate(got_c)
-        if len(cc) >= k:
-            kth = np.partition(cc, len(cc) - k)[len(cc) - k]
-        got_c = [cc]
-        got_l, got_n, got_p = [np.concatenate(got_l)], [np.concatenate(got_n)], [np.concatenate(got_p)]
-    lay, neu, c, p = got_l[0], got_n[0], got_c[0], got_p[0]
-    order = _sort_key(c, lay, neu)[:k]
-    return {"layer": lay[order], "neuron": neu[order], "log_prob_increase": c[order],
-            "prob_increase": p[order], "scored": len(c)}
+    lay, neu, c, p, scored = _branch_and_bound(
+        np.concatenate(ups), layer, neuron, k, lambda li, ni: _score_across_layers(trace, li, ni, w, t, R), batch)
+    return {"layer": lay, "neuron": neu, "log_prob_increase": c, "prob_increase": p, "scored": scored}
+
+
+def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
+                       batch: int = 32) -> dict:
+    """The k attention subvalues by source position (heads summed, Eq. 7) with the largest
+    log-probability increase over their bases Lin_i, over all layers: the same branch and
+    bound with the upper bound g_i . v (g_i from Lin_i). Returns {"layer", "position",
+    "log_prob_increase", "prob_increase", "scored"}."""
+    R = as_readout(trace, t, readout)
+    L = len(trace.layers)
+    sv = np.array([trace.attn_subvalues(i, t, "position") for i in range(L)])   # [L, t+1, d]
+    n = sv.shape[1]
+    layer, pos = np.repeat(np.arange(L), n), np.tile(np.arange(n), L)
+    bases = np.array([Lt.lin[t] for Lt in trace.layers])                       # [L, d]
+
+    def score(li, pi):
+        return R.increase(bases, li, sv[li, pi], w)
+    if exhaustive or R.kind == "lens":
+        c, p = score(layer, pos)
+        order = _sort_key(c, layer, pos)[:k]
+        return {"layer": layer[order], "position": pos[order], "log_prob_increase": c[order],
+                "prob_increase": p[order], "scored": len(c)}
+    g = bounds.g_vector(R, bases, w)                                            # [L, d]
+    upper = np.einsum("lnd,ld->ln", sv, g).ravel()                              # [L * (t+1)]
+    lay, ps, c, p, scored = _branch_and_bound(upper, layer, pos, k, score, batch)
+    return {"layer": lay, "position": ps, "log_prob_increase": c, "prob_increase": p, "scored": scored}
 
 
 def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = False) -> list[dict]:

@@ -239,9 +239,13 @@ def test_attn_subvalue_significance(case):
         for t, w in points(model, tr):
             tt = t % tr.T
             S = Slow(model, tr.final[tt], kind)
+            all_c, all_p = sig.attn_position_significance_all_layers(tr, w, t, kind)   # [L, t+1], one batch
             for i, L in enumerate(tr.layers):
                 hp = slow_attn_subvalues(model, tr, i, tt)
                 base = L.lin[tt]
+                cp = np.array([S.C(base, v, w) for v in hp.sum(0)])
+                near(all_c[i], cp[:, 0], f"{kind} all-layers attn C L{i}")
+                near(all_p[i], cp[:, 1], f"{kind} all-layers attn P L{i}")
                 want = {"head_position": hp, "position": hp.sum(0), "head": hp.sum(1)}
                 for by, sv in want.items():
                     got = sig.attn_subvalue_significance(tr, i, w, t, by, kind)
@@ -703,3 +707,17 @@ def test_locate_text_prompt_and_target(case):
         locate(model, prompt, target_id=model.cfg.d_vocab)
     with pytest.raises(RefimplError):
         locate(model, prompt, position=99)
+
+
+def test_lens_state_unchanged_scores_exactly_zero():
+    """With the (non-linear) lens readout a subvalue too small to change the state scores
+    exactly 0, not the rounding difference between a batched and a single product."""
+    model = random_model("gpt2", dtype="float32", seed=5, n_layers=1, d_model=64, n_heads=2, d_head=32,
+                         d_ff=16, d_vocab=30)
+    tr = refimpl.run(model, [1, 2, 3])
+    R = tr.readout(-1, "lens")
+    base = tr.layers[0].lres[-1]
+    V = np.full((300, 64), 1e-30, np.float32) * np.sign(np.random.default_rng(0).standard_normal((300, 64)))
+    assert np.all(base + V == base)
+    C, P = R.increase(base[None], np.zeros(300, dtype=np.int64), V, 3)
+    assert np.all(C == 0) and np.all(P == 0)

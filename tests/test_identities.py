@@ -162,3 +162,36 @@ def test_log_softmax_shift_large_and_tiny_shifts(dtype, rtol):
     assert np.all(np.isfinite(got))
     # the reference itself is only good to ~1e-16 absolute (it subtracts two log-probabilities)
     assert np.all(np.abs(got - want) <= rtol * np.maximum(np.abs(want), np.abs(u64).max(-1)) + 1e-15)
+
+
+@pytest.mark.parametrize("dtype,gap,shift", [(np.float32, 20, 25), (np.float32, 10, 15), (np.float64, 30, 40)])
+def test_log_softmax_shift_suppressing_a_dominant_token(dtype, gap, shift):
+    """A shift that pushes down the token holding almost all the probability (sum p e^u << 1):
+    log1p(S - 1) would cancel; the result must still match the definition."""
+    from refimpl import nn
+    from refimpl.readout import log_softmax_shift
+    z = np.zeros(1000, dtype)
+    z[0] = gap + np.log(1000)
+    u = np.zeros((1, 1000), dtype)
+    u[0, 0] = -shift
+    z64, u64 = z.astype(np.float64), u.astype(np.float64)
+    for sel in (0, 5):
+        got = log_softmax_shift(nn.log_softmax(z), u, sel)
+        want = (nn.log_softmax(z64 + u64) - nn.log_softmax(z64))[:, sel]
+        assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=0)
+
+
+def test_readout_reused_across_traces_never_returns_another_traces_scores():
+    """Whole-layer scores and bounds are memoised per trace; one `raw` Readout (which does not
+    depend on the trace) used with many short-lived traces must score each one afresh (a
+    memo keyed by id(trace) returned a dead trace's scores once Python reused the id)."""
+    from refimpl.significance import ffn_subvalue_significance
+    model = random_model("gpt2", seed=1, n_layers=1, d_model=8, n_heads=2, d_head=4, d_ff=12, d_vocab=20)
+    R = refimpl.run(model, [1, 2]).readout(-1, "raw")
+
+    def scored_with_shared_readout(ids):
+        return ffn_subvalue_significance(refimpl.run(model, ids), 0, 3, -1, readout=R)[0]
+    for k in range(30):
+        ids = [k % 20, (3 * k + 1) % 20, (7 * k + 2) % 20]
+        want = ffn_subvalue_significance(refimpl.run(model, ids), 0, 3, -1, readout="raw")[0]
+        assert np.array_equal(scored_with_shared_readout(ids), want), k

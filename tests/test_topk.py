@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import refimpl
 from refimpl import bounds
 from refimpl.errors import RefimplError
-from refimpl.topk import ffn_counts, top_ffn_subvalues
+from refimpl.significance import attn_position_significance_all_layers
+from refimpl.topk import ffn_counts, top_attn_subvalues, top_ffn_subvalues
 from tests.helpers import draw_sizes, random_model
 from tests.test_analyses import Slow, near, slow_ffn_subvalues
 
@@ -53,6 +54,22 @@ def check_fast_equals_exhaustive(tr, w, t, readout, K, batch=64):
     return fast["scored"], slow["scored"]
 
 
+def check_attn_fast_equals_exhaustive(tr, w, t, readout, K, batch):
+    """Attention subvalues by source position: the branch and bound gives the exhaustive top-K,
+    and both agree with a ranking of attn_position_significance_all_layers (scored separately)."""
+    fast = top_attn_subvalues(tr, w, t, K, readout, batch=batch)
+    slow = top_attn_subvalues(tr, w, t, K, readout, exhaustive=True)
+    C, P = attn_position_significance_all_layers(tr, w, t, readout)               # [L, t+1]
+    lay, pos = np.divmod(np.arange(C.size), C.shape[1])
+    order = np.lexsort((pos, lay, -C.ravel()))[:K]
+    for r in (fast, slow):
+        assert np.array_equal(r["layer"], lay[order]) and np.array_equal(r["position"], pos[order]), \
+            f"K={K}: {list(zip(r['layer'], r['position']))} != {list(zip(lay[order], pos[order]))}"
+        near(r["log_prob_increase"], C.ravel()[order], f"K={K} attn C")
+        near(r["prob_increase"], P.ravel()[order], f"K={K} attn P")
+    assert fast["scored"] <= slow["scored"] == C.size
+
+
 def check_counts(tr, w, t, readout):
     fast = ffn_counts(tr, w, t, readout)
     slow = ffn_counts(tr, w, t, readout, exhaustive=True)
@@ -70,6 +87,7 @@ def test_fast_top_k_equals_exhaustive(case, batch):
     model, tr, t, w, readout = _setup(case)
     for K in (1, 5, 20):
         check_fast_equals_exhaustive(tr, w, t, readout, K, batch)
+        check_attn_fast_equals_exhaustive(tr, w, t, readout, K, batch)
     check_counts(tr, w, t, readout)
 
 
