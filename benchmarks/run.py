@@ -325,6 +325,9 @@ def step_profile(spec, dtype: str, opts) -> dict:
     rec = get(spec.name, key)
     if rec is None:
         log(f"{spec.name}: phase profile of locate ({dtype}, warm)")
+        # one untimed run first: other models' runs may have evicted this one from the page cache
+        worker("locate", f"{spec.name}-profile-warmup-{dtype}", "--model", spec.canonical, "--dtype", dtype,
+               *prompt_args(spec))
         m, r = worker("profile", f"{spec.name}-profile-{dtype}", "--model", spec.canonical, "--dtype", dtype,
                       *prompt_args(spec))
         rec = {**m, **r}
@@ -535,7 +538,7 @@ def upcast_table() -> str:
     return "\n".join(lines)
 
 
-PHASES = ["run", "layer_significance", "attn_position_significance_all_layers", "top_ffn_subvalues",
+PHASES = ["run", "layer_significance", "top_attn_subvalues", "top_ffn_subvalues",
           "readout", "ffn_counts", "activation_report", "upcast"]
 CATS = ["self", "upcast", "readout", "bounds", "scoring", "ranges"]
 
@@ -561,7 +564,7 @@ def profile_table(names) -> str:
                     "|---|---|" + "---|" * len(CATS)]
             label = {"run": "forward", "upcast": "locate's own weight reads (fc2 rows of the top-K: whole W_out upcast)",
                      "readout": "vocab views (R.bs)",
-                     "attn_position_significance_all_layers": "attention subvalues"}
+                     "top_attn_subvalues": "attention subvalues (top-K)"}
             tot = {c: 0.0 for c in CATS}
             for ph in PHASES:
                 if ph not in rows:

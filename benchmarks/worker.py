@@ -125,7 +125,7 @@ class PhaseProfiler:
 
 def task_profile(args):
     import refimpl
-    from refimpl import bounds, locate as L, model as M, readout as RD, significance as S
+    from refimpl import bounds, locate as L, model as M, readout as RD
     prof = PhaseProfiler()
     upcast_bytes = {"n": 0, "bytes": 0}
     orig_weight = M.Model.weight
@@ -137,14 +137,14 @@ def task_profile(args):
         return orig_weight(self, name)
 
     M.Model.weight = prof.wrap("upcast", weight)
-    for cls, names, cat in ((RD.Head, ("scores", "log_prob_of", "_band_logits"), "readout"),
-                            (RD.Readout, ("bs",), "readout")):
+    for cls, names, cat in ((RD.Head, ("scores", "log_prob_of", "_band_logits", "target_groups"), "readout"),
+                            (RD.Readout, ("bs",), "readout"), (RD.Readout, ("increase",), "scoring")):
         for n in names:
             setattr(cls, n, prof.wrap(cat, getattr(cls, n)))
     bounds.ffn_bounds = prof.wrap("bounds", bounds.ffn_bounds)
+    bounds.g_vector = prof.wrap("bounds", bounds.g_vector)
     bounds.neuron_ranges = prof.wrap("ranges", bounds.neuron_ranges)
-    S.increases = prof.wrap("scoring", S.increases)
-    for n in ("run", "layer_significance", "attn_position_significance_all_layers", "top_ffn_subvalues",
+    for n in ("run", "layer_significance", "top_attn_subvalues", "top_ffn_subvalues",
               "ffn_counts", "activation_report"):
         setattr(L, n, prof.wrap(n, getattr(L, n)))
     model = refimpl.load(args.model, dtype=args.dtype)
