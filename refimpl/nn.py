@@ -62,7 +62,10 @@ def relu(x):
 
 
 def silu(x):
-    return x / (1.0 + np.exp(-x))
+    """x * sigmoid(x). For x below about -709 (-88 in float32) exp(-x) overflows to inf and
+    the quotient is the correct -0.0, so that overflow is not worth a warning."""
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
 
 
 ACTS = {"gelu_new": gelu_new, "gelu": gelu, "relu": relu, "silu": silu}
