@@ -24,7 +24,6 @@ import tempfile
 
 import numpy as np
 
-from . import nn
 from .errors import RefimplError
 from .readout import Readout
 from .safetensors_io import bf16_to_f32
@@ -89,15 +88,15 @@ def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
     """g = sum_j N^T S_j^T (e_{w_j} - p_j) [d] (or [n, d] for bases [n, d]): C(v) <= g . v for every v."""
     if R.kind == "lens":
         raise RefimplError("bounds need a linear readout (frozen or raw), not lens")
-    y = base_state(R, base)
-    g = np.zeros(np.shape(base), R.model.dtype)
-    for part in parts(R, w):
-        s = part.scores(y)
-        if part.name == "vocab":
-            s = s + R.head.bias()
-        e = -nn.softmax(s)                                                   # -(p)
-        e[..., part.index] += 1.0                                            # e_w - p
+    b2 = np.atleast_2d(np.asarray(base, R.model.dtype))                      # [n, d]
+    g = np.zeros(b2.shape, R.model.dtype)
+    # p of each softmax group at the bases: the readout's memoised log-softmax (parts and
+    # target_groups split the softmax the same way, in the same order)
+    for part, (lp, sel) in zip(parts(R, w), R._base_groups(b2, w)):
+        e = -np.exp(lp)                                                      # -(p)  [n, n_part]
+        e[..., sel] += 1.0                                                   # e_w - p
         g += part.adjoint(e)
+    g = g.reshape(np.shape(base))
     if R.has_norm:                                                           # N^T = P D / scale
         g = R.gamma * g / scale(R)
         if R.centre:

@@ -43,7 +43,10 @@ def layer_significance(trace, w: int, t: int = -1, readout="frozen") -> list[dic
     R = as_readout(trace, t, readout)
     L = len(trace.layers)
     X = np.array([trace.Lin0[t]] + [s[t] for Lt in trace.layers for s in (Lt.lres, Lt.lout)])   # [2L+1, d]
-    lp = state_log_probs(R, X, w)                    # lp[2i] = Lin_i, lp[2i+1] = Lres_i, lp[2i+2] = Lout_i
+    if R.kind == "lens":                             # lp[2i] = Lin_i, lp[2i+1] = Lres_i, lp[2i+2] = Lout_i
+        lp = state_log_probs(R, X, w)
+    else:                                            # memoised per state: these are the subvalues' bases
+        lp = sum(g[:, sel] for g, sel in R._base_groups(X, w))
     p = np.exp(lp)
     return [{"layer": i,
              "attn": {"log_prob_increase": float(lp[2 * i + 1] - lp[2 * i]), "prob_increase": float(p[2 * i + 1] - p[2 * i])},
