@@ -440,7 +440,7 @@ def task_batching(args):
     res["g_per_layer_s"] = time.perf_counter() - t0
 
     def g_batched():
-        Y = bounds.base_state(R, np.array([trace.layers[i].lres[t] for i in range(L)]))   # [L, d]
+        Y = R.state_input(np.array([trace.layers[i].lres[t] for i in range(L)]))   # [L, d]
         S = Y @ W_U + R.head.bias()                                                         # [L, V] one pass
         E = -nn.softmax(S, axis=-1)
         E[:, w] += 1.0

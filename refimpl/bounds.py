@@ -76,14 +76,6 @@ def scale(R: Readout) -> float:
     return float(R.scale[0]) if R.has_norm else 1.0
 
 
-def base_state(R: Readout, base: np.ndarray) -> np.ndarray:
-    """y(L): the normalised state fed to the parts, offsets included (not the b_U bias)."""
-    y = R.normalise(np.asarray(base, R.model.dtype))
-    if R.kind == "frozen" and R.centre and R.beta is not None:
-        y = y + R.beta
-    return y
-
-
 def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
     """g = sum_j N^T S_j^T (e_{w_j} - p_j) [d] (or [n, d] for bases [n, d]): C(v) <= g . v for every v."""
     if R.kind == "lens":

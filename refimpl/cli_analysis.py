@@ -324,8 +324,7 @@ def cmd_prepare(p, args=None):
     t0 = time.perf_counter()
     nbytes = sum(int(np.prod(t.shape)) for t in model.tensors.values()) * model.dtype.itemsize
     if args.weight_cache == "yes" or (args.weight_cache == "auto" and nbytes <= 8 * 1024**3):
-        if model.upcast_cache is None and any(t.dtype != {"float32": "F32", "float64": "F64"}[model.dtype.name]
-                                              for t in model.tensors.values()):
+        if model.upcast_cache is None and model.needs_upcast():
             path = model.write_upcast_cache()
             print(f"weights in {model.dtype.name}: {path} ({nbytes / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s)")
     R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state

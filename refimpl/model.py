@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config, read_config
 from .errors import FormatError, RefimplError
-from .safetensors_io import StoredTensor, read_header
+from .safetensors_io import NUMPY_TO_ST, StoredTensor, read_header
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 PINNED = ("unembed.", "ln_final.")
@@ -73,9 +73,13 @@ class Model:
         files = self.cfg.extra.get("files") or {"path": os.path.abspath(self.path)}
         return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
+    def needs_upcast(self) -> bool:
+        """Whether any stored tensor differs from the compute dtype (and so has to be widened)."""
+        return any(t.dtype != NUMPY_TO_ST[self.dtype] for t in self.tensors.values())
+
     def _open_upcast_cache(self):
         """The weights in the compute dtype, if `refimpl prepare` wrote them (else None)."""
-        if all(t.dtype == {"float32": "F32", "float64": "F64"}[self.dtype.name] for t in self.tensors.values()):
+        if not self.needs_upcast():
             return None                                   # nothing to convert anyway
         path = self.upcast_cache_path()
         if not os.path.exists(path):
@@ -94,7 +98,7 @@ class Model:
         from .safetensors_io import write_safetensors
         path = self.upcast_cache_path()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        st = {"float32": "F32", "float64": "F64"}[self.dtype.name]
+        st = NUMPY_TO_ST[self.dtype]
         names = sorted(self.tensors)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         os.close(fd)
@@ -165,7 +169,7 @@ class Model:
         """Stored tensor `src` in the compute dtype: a view when no conversion is needed, else an
         exact threaded widening into `out` (a reused buffer) or a new array."""
         st = self.tensors[src]
-        if st.dtype == {"float32": "F32", "float64": "F64"}[self.dtype.name]:
+        if st.dtype == NUMPY_TO_ST[self.dtype]:
             return np.asarray(st.raw(), self.dtype)
         if out is None or out.shape != tuple(st.shape):
             out = np.empty(st.shape, self.dtype)

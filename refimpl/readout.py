@@ -175,13 +175,17 @@ class Readout:
         flat, _ = self.head.scores(self.normalise(np.asarray(V, self.model.dtype)))
         return flat + self.head.bias() if self.kind == "lens" else flat
 
-    def _state(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(flat, cls) scores of residual states including the offset c."""
-        X = np.asarray(X, self.model.dtype)
-        y = self.normalise(X)
+    def state_input(self, X: np.ndarray) -> np.ndarray:
+        """What the head reads for residual states X [..., d]: the normalised state plus the
+        final norm's bias beta (frozen LayerNorm), i.e. everything of bs(x) but E and b_U."""
+        y = self.normalise(np.asarray(X, self.model.dtype))
         if self.kind == "frozen" and self.centre and self.beta is not None:
             y = y + self.beta
-        flat, cls = self.head.scores(y)
+        return y
+
+    def _state(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(flat, cls) scores of residual states including the offset c."""
+        flat, cls = self.head.scores(self.state_input(X))
         return flat + self.head.bias(), cls
 
     @property
@@ -207,10 +211,7 @@ class Readout:
         key = (int(w), X.tobytes()) if X.ndim == 1 else None
         if key is not None and key in self._memo:
             return self._memo[key]
-        y = self.normalise(X)
-        if self.kind == "frozen" and self.centre and self.beta is not None:
-            y = y + self.beta
-        out = self.head.log_prob_of(y, int(w))
+        out = self.head.log_prob_of(self.state_input(X), int(w))
         if key is not None:
             self._memo[key] = out
         return out
@@ -232,10 +233,8 @@ class Readout:
         keys = [("groups", int(w), b.tobytes()) for b in bases]
         todo = [j for j, k in enumerate(keys) if k not in self._memo]
         if todo:
-            y0 = self.normalise(bases[todo])
-            if self.kind == "frozen" and self.centre and self.beta is not None:
-                y0 = y0 + self.beta
-            groups = [(nn.log_softmax(z), sel) for z, sel in self.head.target_groups(y0, w)]   # [len(todo), n_g]
+            groups = [(nn.log_softmax(z), sel)                                  # [len(todo), n_g]
+                      for z, sel in self.head.target_groups(self.state_input(bases[todo]), w)]
             for r, j in enumerate(todo):
                 self._memo[keys[j]] = [(lp[r], sel) for lp, sel in groups]
         rows = [self._memo[k] for k in keys]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import bounds
-from .significance import as_readout, ffn_subvalue_significance
+from .significance import (as_readout, attn_position_significance_all_layers, ffn_layer_summary,
+                           ffn_subvalue_significance)
 
 DECIDE_MARGIN = 1e-9      # bounds decide a sign only when they clear zero by this much (absolute)
 
@@ -23,8 +24,8 @@ def _sort_key(c: np.ndarray, layer: np.ndarray, neuron: np.ndarray) -> np.ndarra
 
 
 def _score_across_layers(trace, layers: np.ndarray, neurons: np.ndarray, w: int, t: int, R):
-    """Exact (C, P) of FFN subvalues from several layers, scored in one stacked product
-    (each over its own base Lres_i; a subvalue that leaves the base unchanged scores 0)."""
+    """Exact (C, P) of FFN subvalues from several layers, scored in one stacked product,
+    each over its own base Lres_i."""
     uniq, which = np.unique(layers, return_inverse=True)
     V = np.empty((len(layers), trace.model.cfg.d_model), trace.model.dtype)   # [n, d]
     for j, i in enumerate(uniq):
@@ -89,6 +90,12 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
     "log_prob_increase", "prob_increase", "scored"}."""
     R = as_readout(trace, t, readout)
     L = len(trace.layers)
+    if exhaustive or R.kind == "lens":
+        c, p = (a.ravel() for a in attn_position_significance_all_layers(trace, w, t, R))   # [L * (t+1)]
+        layer, pos = np.divmod(np.arange(len(c)), len(c) // L)
+        order = _sort_key(c, layer, pos)[:k]
+        return {"layer": layer[order], "position": pos[order], "log_prob_increase": c[order],
+                "prob_increase": p[order], "scored": len(c)}
     sv = np.array([trace.attn_subvalues(i, t, "position") for i in range(L)])   # [L, t+1, d]
     n = sv.shape[1]
     layer, pos = np.repeat(np.arange(L), n), np.tile(np.arange(n), L)
@@ -96,11 +103,6 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
 
     def score(li, pi):
         return R.increase(bases, li, sv[li, pi], w)
-    if exhaustive or R.kind == "lens":
-        c, p = score(layer, pos)
-        order = _sort_key(c, layer, pos)[:k]
-        return {"layer": layer[order], "position": pos[order], "log_prob_increase": c[order],
-                "prob_increase": p[order], "scored": len(c)}
     g = bounds.g_vector(R, bases, w)                                            # [L, d]
     upper = np.einsum("lnd,ld->ln", sv, g).ravel()                              # [L * (t+1)]
     lay, ps, c, p, scored = _branch_and_bound(upper, layer, pos, k, score, batch)
@@ -112,25 +114,18 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
     exact; plus the top-10 share of helpful C (Fig. 7): exact with exhaustive, otherwise
     bracketed by the bounds as [lo, hi]."""
     R = as_readout(trace, t, readout)
-    out = []
-    ranges = None if (exhaustive or R.kind == "lens") else bounds.neuron_ranges(R)
-    layers = []
+    if exhaustive or R.kind == "lens":                  # every subvalue scored (memoised per layer)
+        return [{**ffn_layer_summary(trace, i, w, t, R), "scored": trace.model.cfg.d_ff}
+                for i in range(len(trace.layers))]
+    ranges = bounds.neuron_ranges(R)
+    layers, out = [], []
     for i, Ltr in enumerate(trace.layers):
         m = Ltr.m[t]
-        if ranges is None:
-            c = ffn_subvalue_significance(trace, i, w, t, readout=R)[0]
-            helpful = np.sort(c[c > 0])[::-1]
-            share = float(helpful[:10].sum() / helpful.sum()) if len(helpful) else 0.0
-            out.append({"layer": i, "activated": int((m > 0).sum()), "helpful": int((c > 0).sum()),
-                        "unhelpful": int((c < 0).sum()), "top10_share": share, "scored": len(c)})
-            continue
         up, lo = bounds.ffn_bounds(trace, i, w, t, R, ranges)
         zero = m == 0
         pos_ = (lo > DECIDE_MARGIN) & ~zero
         neg_ = (up < -DECIDE_MARGIN) & ~zero
         layers.append((i, m, up, lo, pos_, neg_, np.flatnonzero(~(pos_ | neg_ | zero))))
-    if ranges is None:
-        return out
     # the undecided neurons of every layer, scored exactly in one stacked product
     und_l = np.concatenate([np.full(len(und), i) for i, *_, und in layers]).astype(np.int64)
     und_n = np.concatenate([und for *_, und in layers]).astype(np.int64)
