@@ -4,63 +4,11 @@ Each shares the prompt/model/target options and prints a table, or JSON with --j
 """
 from __future__ import annotations
 
-import json
-import os
 
 import numpy as np
 
-from .cli import command, open_model, parse_ids, positive_int
+from .cli_common import check_layer, check_neuron, command, common, emit, open_model, parse_ids, positive_int, prepare
 from .errors import RefimplError
-
-
-def common(p, target=True):
-    p.add_argument("prompt", nargs="?", default=None, help="text prompt (tokenized with the family's start token)")
-    p.add_argument("--ids", default=None, help="comma-separated token ids instead of PROMPT, used verbatim")
-    p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--position", type=int, default=None, help="analysed position (default: last)")
-    p.add_argument("--readout", default="frozen", choices=["frozen", "raw", "lens"])
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    if target:
-        p.add_argument("--target", default=None, help="target token (must be a single token)")
-        p.add_argument("--target-id", type=int, default=None, help="target token id")
-
-
-def prepare(args):
-    """(model, trace, t, w, readout) from the common options."""
-    from .forward import run
-    from .locate import resolve_position, resolve_target
-    model = open_model(args)
-    if args.ids is not None and args.prompt is not None:
-        raise RefimplError("give either PROMPT or --ids, not both")
-    if args.ids is None and args.prompt is None:
-        raise RefimplError("no prompt given (PROMPT or --ids)")
-    trace = run(model, parse_ids(args.ids) if args.ids is not None else args.prompt)
-    t = resolve_position(trace, args.position)
-    w = resolve_target(model, trace.log_probs[t], getattr(args, "target", None), getattr(args, "target_id", None))
-    return model, trace, t, w, trace.readout(t, args.readout)
-
-
-def emit(args, obj, text: str):
-    print(json.dumps(obj, indent=1, default=_jsonable) if args.json else text)
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(type(x).__name__)
-
-
-def check_layer(model, i):
-    if i is None or not 0 <= i < model.cfg.n_layers:
-        raise RefimplError(f"layer {i} out of range (model has {model.cfg.n_layers} layers)")
-
-
-def check_neuron(model, k):
-    if k is None or not 0 <= k < model.cfg.d_ff:
-        raise RefimplError(f"neuron {k} out of range (FFN width {model.cfg.d_ff})")
 
 
 @command("locate", "the main job: which layers and subvalues raise the target's log-probability, and what activates them")
@@ -291,42 +239,3 @@ def cmd_baseline(p, args=None):
         text += [f"  L{x['layer']} n{x['neuron']:<6} logp {x['log_prob_increase']:+.4f}  coef*norm {x['coef_x_norm']:+.4f}  "
                  f"target rank {x['target_rank']}" for x in r[key]]
     emit(args, r, "\n".join(text))
-
-
-@command("models", "list the models shipped with the package")
-def cmd_models(p, args=None):
-    if args is None:
-        return
-    from .embedded import DATA, DEFAULT, embedded_models
-    names = embedded_models()
-    if not names:
-        print("no embedded models installed")
-    for n in names:
-        with open(os.path.join(DATA, n, "config.json")) as f:
-            c = json.load(f)
-        print(f"{n}{' (default)' if n == DEFAULT else ''}: {c['family']}, {c['n_layers']} layers, d_model {c['d_model']}, "
-              f"vocabulary {c['d_vocab']}  [{os.path.join(DATA, n)}]")
-
-
-@command("prepare", "one-time work per model: per-neuron score ranges (exact counts) and a compute-dtype weight copy")
-def cmd_prepare(p, args=None):
-    if args is None:
-        p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
-        p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"])
-        p.add_argument("--weight-cache", choices=["auto", "yes", "no"], default="auto",
-                       help="write the weights converted to --dtype (auto: when the copy is at most 8 GB)")
-        return
-    import time
-    from . import bounds
-    from .readout import Readout
-    model = open_model(args)
-    t0 = time.perf_counter()
-    nbytes = sum(int(np.prod(t.shape)) for t in model.tensors.values()) * model.dtype.itemsize
-    if args.weight_cache == "yes" or (args.weight_cache == "auto" and nbytes <= 8 * 1024**3):
-        if model.upcast_cache is None and model.needs_upcast():
-            path = model.write_upcast_cache()
-            print(f"weights in {model.dtype.name}: {path} ({nbytes / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s)")
-    R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state
-    bounds.neuron_ranges(R)
-    print(f"per-neuron ranges ready in {bounds.cache_dir(model)} ({time.perf_counter() - t0:.1f} s)")

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .cli import command
-from .cli_analysis import common, prepare
+from .cli_common import command, common, prepare
 from .errors import RefimplError
 
 
