@@ -10,6 +10,7 @@ import importlib
 import os
 
 from refimpl.errors import RefimplError
+from refimpl.files import is_regular
 
 # format name -> module; detection tries them in this order
 FORMATS = {
@@ -42,6 +43,8 @@ def available_formats() -> list[str]:
 def detect_format(src: str) -> str:
     if not os.path.exists(src):
         raise RefimplError(f"{src}: no such file or directory")
+    if not (os.path.isdir(src) or is_regular(src)):
+        raise RefimplError(f"{src}: not a regular file or a directory; refused")
     for fmt in available_formats():
         if _module(fmt).detect(src):
             return fmt
@@ -50,12 +53,18 @@ def detect_format(src: str) -> str:
 
 
 def convert(src: str, dst: str, fmt: str | None = None, force: bool = False, tokenizer: str | None = None) -> str:
-    """Convert `src` into a canonical model directory at `dst`; returns dst."""
-    fmt = fmt or detect_format(src)
+    """Convert `src` into a canonical model directory at `dst`; returns dst.
+
+    DST is checked before any work (refimpl.writer.check_destination: never a source, never
+    arbitrary content) and written atomically at the end. Progress goes to
+    `refimpl.progress.current()` (silent unless the caller installed a reporter)."""
+    from refimpl import progress
+    from refimpl.writer import check_destination
     if not os.path.exists(src):
         raise RefimplError(f"{src}: no such file or directory")
-    if tokenizer is not None and not os.path.isfile(tokenizer):
-        raise RefimplError(f"{tokenizer}: tokenizer file not found")
-    from .canonical import check_destination
-    check_destination(dst, force)
+    if tokenizer is not None and not is_regular(tokenizer):
+        raise RefimplError(f"{tokenizer}: tokenizer file not found (or not a regular file)")
+    check_destination(dst, force, [src, tokenizer])
+    fmt = fmt or detect_format(src)
+    progress.current().stage(f"reading {os.path.basename(os.path.abspath(src))} ({fmt})")
     return _module(fmt).convert(src, dst, force=force, tokenizer=tokenizer)

@@ -137,7 +137,7 @@ class Options:
 
 def read_options(obj: dict, where: str) -> Options:
     """The model options of a fairseq checkpoint (args Namespace, cfg DictConfig or cfg dict)."""
-    from .torch_pickle import to_plain
+    from .torch_objects import to_plain
     args, cfg = obj.get("args"), obj.get("cfg")
     model = task = None
     if cfg is not None:

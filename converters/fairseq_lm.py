@@ -389,4 +389,5 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
     cfg["fairseq"] = dict(arch=a["arch"], options=opts.kind, decoder_version=a["version"],
                           activation_fn=a["fairseq_act"], fused_qkv_layers=got["fused_qkv_layers"],
                           madeupwords=n_made)
-    return write_canonical(dst, cfg, plan, tok_json, sources=[path, tok_path], source_format=FORMAT, force=force)
+    return write_canonical(dst, cfg, plan, tok_json, sources=[path, tok_path], source_format=FORMAT, force=force,
+                           inputs=[src])

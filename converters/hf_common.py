@@ -387,4 +387,5 @@ def finish(src: str, dst: str, hf: dict, cfg: dict, w: "Weights", add, plan: lis
     check_tokenizer_fits(tok_json, V, src)
     cfg["special_tokens"] = special_tokens(hf, specials, V)
     sources = [os.path.join(src, "config.json")] + ([w.index] if w.index else []) + list(w.files) + tok_files
-    return write_canonical(dst, cfg, plan, tok_json, sources=sources, source_format=fmt, force=force)
+    return write_canonical(dst, cfg, plan, tok_json, sources=sources, source_format=fmt, force=force,
+                           inputs=[src])

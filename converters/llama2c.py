@@ -162,4 +162,5 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
     plan.append(Planned("ln_final.w", (d,), "F32", lambda: w["rms_final"]))
     if not p["shared"]:
         plan.append(Planned("unembed.W_U", (d, V), "F32", lambda: w["wcls"].T))
-    return write_canonical(dst, cfg, plan, tok_json, sources=[path, tok_path], source_format=FORMAT, force=force)
+    return write_canonical(dst, cfg, plan, tok_json, sources=[path, tok_path], source_format=FORMAT, force=force,
+                           inputs=[src])

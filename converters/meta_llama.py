@@ -235,7 +235,7 @@ def convert(src: str, dst: str, force: bool = False, tokenizer: str | None = Non
 
     params_path = os.path.join(d, "params.json")
     return write_canonical(dst, cfg, plan, tok_json, sources=[params_path] + files + [tok_path],
-                           source_format=FORMAT, force=force)
+                           source_format=FORMAT, force=force, inputs=[d])
 
 
 __all__ = ["convert", "detect", "ffn_hidden_dim", "read_params"]

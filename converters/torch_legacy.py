@@ -12,8 +12,10 @@ from __future__ import annotations
 import mmap
 
 from refimpl.errors import FormatError
+from refimpl.files import open_regular
 
-from .torch_pickle import Storage, scan_pickle, storage_dtype, unpickle
+from .torch_objects import Storage
+from .torch_unpickler import scan_pickle, storage_dtype, unpickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -21,8 +23,10 @@ PROTOCOL_VERSION = 1001
 
 def load_legacy(path: str, label: str):
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FormatError as e:
+        raise FormatError(f"{label}: {e}") from None
     except (OSError, ValueError) as e:
         raise FormatError(f"{label}: cannot map file ({e})") from None
     try:

@@ -11,7 +11,7 @@ and values. `TorchDType` / `StorageType` describe torch dtypes and storage class
 arbitrary pickle state.
 
 Which pickled names map to these objects is decided by the allow-list unpickler in
-`converters/torch_pickle.py`.
+`converters/torch_unpickler.py`.
 """
 from __future__ import annotations
 

@@ -15,8 +15,10 @@ import struct
 import zipfile
 
 from refimpl.errors import FormatError
+from refimpl.files import open_regular
 
-from .torch_pickle import MAX_PICKLE_BYTES, Storage, storage_dtype, unpickle
+from .torch_objects import Storage
+from .torch_unpickler import MAX_PICKLE_BYTES, storage_dtype, unpickle
 
 MIN_VERSION, MAX_VERSION = 1, 10   # kMinSupportedFileFormatVersion .. kMaxSupportedFileFormatVersion
 
@@ -24,8 +26,8 @@ MIN_VERSION, MAX_VERSION = 1, 10   # kMinSupportedFileFormatVersion .. kMaxSuppo
 class _Archive:
     def __init__(self, path: str, label: str):
         self.path, self.label = path, label
-        self.size = os.path.getsize(path)
-        self.f = open(path, "rb")
+        self.f = open_regular(path)
+        self.size = os.fstat(self.f.fileno()).st_size
         try:
             self.zf = zipfile.ZipFile(self.f)
             infos = self.zf.infolist()

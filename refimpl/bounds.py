@@ -17,11 +17,6 @@ computed once per model and cached.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-
 import numpy as np
 
 from .errors import RefimplError
@@ -96,24 +91,12 @@ def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
     return g
 
 
-# --- per-neuron score ranges, cached on disk ------------------------------------------------
-
-def _cache_path(model, kind: str) -> str:
-    files = model.cfg.extra.get("files") or {}
-    key = hashlib.sha256(json.dumps([files, model.cfg.to_dict().get("d_model"), kind, model.path if not files else "",
-                                     str(model.dtype)],           # float32 ranges are too coarse for float64
-                                    sort_keys=True).encode()).hexdigest()[:24]
-    return os.path.join(cache_dir(model), f"ranges-{kind}-{key}.npz")
-
+# --- per-neuron score ranges, stored by refimpl/cache.py ------------------------------------
 
 def cache_dir(model) -> str:
-    """cache/ beside the model, unless the model is package data or read-only: then the
-    user cache (~/.cache/refimpl, or $XDG_CACHE_HOME/refimpl)."""
-    from .embedded import DATA
-    inside_package = os.path.abspath(model.path).startswith(os.path.abspath(DATA) + os.sep)
-    if os.access(model.path, os.W_OK) and not inside_package:
-        return os.path.join(model.path, "cache")
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refimpl")
+    """Where the model's derived data is stored (refimpl/cache.py)."""
+    from . import cache
+    return cache.cache_dir(model)
 
 
 def ranges_cost(model) -> float:
@@ -122,12 +105,13 @@ def ranges_cost(model) -> float:
     return float(c.n_layers) * c.d_ff * c.d_model * c.d_vocab
 
 
-def compute_ranges(R: Readout, chunk: int = 512) -> dict[str, np.ndarray]:
-    """{part name: [n_layers, d_ff]} range of the part scores of N1(fc2_k) for every neuron."""
+def compute_ranges(R: Readout, chunk: int = 512, layers=None) -> dict[str, np.ndarray]:
+    """{part name: [n_layers, d_ff]} range of the part scores of N1(fc2_k) for every neuron
+    (only the rows of `layers` when given; the others stay zero)."""
     m, cfg = R.model, R.model.cfg
     names = ["vocab"] if not R.head.adaptive else ["head"] + [f"band{c}" for c in range(1, len(R.head.bands))]
     out = {n: np.zeros((cfg.n_layers, cfg.d_ff)) for n in names}
-    for i in range(cfg.n_layers):
+    for i in (range(cfg.n_layers) if layers is None else layers):
         W_out = m.weight(f"blocks.{i}.mlp.W_out")                           # [F, d]
         for s in range(0, cfg.d_ff, chunk):
             y = unit_norm(R, W_out[s:s + chunk])                             # [n, d]
@@ -139,37 +123,29 @@ def compute_ranges(R: Readout, chunk: int = 512) -> dict[str, np.ndarray]:
 
 
 def ranges_ready(R: Readout) -> bool:
-    """Whether neuron_ranges(R) is already computed (in memory or in the cache, e.g. by `refimpl prepare`)."""
+    """Whether neuron_ranges(R) is already computed (in memory, or stored for exactly this model's
+    files, e.g. by `refimpl prepare`)."""
+    from . import cache
     kind = "raw" if not R.has_norm else "frozen"
-    return kind in getattr(R.model, "_range_cache", {}) or os.path.exists(_cache_path(R.model, kind))
+    return kind in getattr(R.model, "_range_cache", {}) or cache.ranges_ready(R.model, kind)
 
 
 def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
-    """compute_ranges, loaded from / saved to the model's cache (cache/ beside the model,
-    or ~/.cache/refimpl when the model directory is read-only)."""
+    """compute_ranges, loaded from / saved to the model's cache (refimpl/cache.py: bound to the
+    model's exact files; a stale or damaged entry is recomputed, never used)."""
+    import warnings
+    from . import cache
     model = R.model
     cached = getattr(model, "_range_cache", {})
     kind = "raw" if not R.has_norm else "frozen"
     if kind in cached:
         return cached[kind]
-    path = _cache_path(model, kind)
-    ranges = None
-    if os.path.exists(path):
-        try:
-            with np.load(path) as f:
-                ranges = {k: f[k] for k in f.files}
-        except (OSError, ValueError):
-            ranges = None
+    names = cache.range_parts(model, R.head)
+    ranges, why = cache.load_ranges(model, kind, names)
     if ranges is None:
-        ranges = compute_ranges(R)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **ranges)
-            os.replace(tmp, path)
-        except OSError:
-            pass                                                            # caching is best effort
+        if why:
+            warnings.warn(f"{why}; recomputing", stacklevel=2)
+        ranges = cache.build_ranges(model, kind, names, lambda i: compute_ranges(R, layers=[i]))
     cached[kind] = ranges
     model._range_cache = cached
     return ranges

@@ -13,6 +13,7 @@ import sys
 from . import cli_model, cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
 from .cli_common import COMMANDS, _Parser
 from .errors import RefimplError
+from .files import printable
 
 
 # --- entry point ------------------------------------------------------------------------
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+    print(f"warning: {printable(str(message)) if str(message) else category.__name__}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -41,11 +42,15 @@ def main(argv=None) -> int:
         COMMANDS[args.cmd][1](None, args)
         return 0
     except RefimplError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:          # Ctrl-C, or SIGTERM/SIGHUP while writing (errors.Interrupted)
+        import signal
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name if signum != signal.SIGINT else ""
+        hint = getattr(e, "hint", "")
+        print(f"error: interrupted{f' ({name})' if name else ''}{f'; {hint}' if hint else ''}", file=sys.stderr)
+        return 128 + int(signum)
     except BrokenPipeError:
         return 0
     except MemoryError:
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
         return 2
     except OSError as e:                    # the user's files and disk (permissions, a directory, full disk)
         where = "".join(f"{f}: " for f in (e.filename, e.filename2) if f)
-        print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
+        print(f"error: {printable(where + str(e.strerror or e))}", file=sys.stderr)
         return 2
 
 

@@ -14,31 +14,45 @@ from .errors import RefimplError
 def cmd_convert(p, args=None):
     if args is None:
         p.add_argument("src", help="checkpoint file or directory")
-        p.add_argument("dst", help="output model directory (must be empty or absent)")
-        p.add_argument("--format", dest="fmt", default=None, help="force a source format")
-        p.add_argument("--tokenizer", default=None, help="tokenizer file, where the format needs one")
-        p.add_argument("--force", action="store_true", help="replace a non-empty DST")
+        p.add_argument("dst", help="output model directory (must be absent or empty; see --force)")
+        p.add_argument("--format", dest="fmt", default=None, help="force a source format (default: detected)")
+        p.add_argument("--tokenizer", default=None,
+                       help="tokenizer file, where the format needs one (default: found beside SRC)")
+        p.add_argument("--force", action="store_true",
+                       help="replace DST if it is a model converted by refimpl (never other content)")
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         return
     import converters
-    out = converters.convert(args.src, args.dst, fmt=args.fmt, force=args.force, tokenizer=args.tokenizer)
-    with open(os.path.join(out, "config.json")) as f:
-        cfg = json.load(f)
+    from . import progress
+    from .files import read_json
+    with progress.reporting(progress.Progress("convert", quiet=args.quiet)) as prog:
+        try:
+            out = converters.convert(args.src, args.dst, fmt=args.fmt, force=args.force, tokenizer=args.tokenizer)
+        except KeyboardInterrupt as e:
+            e.hint = f"nothing was written to {args.dst}"
+            raise
+        prog.done()
+    cfg = read_json(os.path.join(out, "config.json"))
     print(f"wrote {out}: {cfg['family']} ({cfg['source']['format']}), {cfg['n_layers']} layers, "
           f"d_model {cfg['d_model']}, vocabulary {cfg['d_vocab']}")
 
 
-@command("verify", "re-hash a converted model directory against the hashes recorded at conversion")
+@command("verify", "re-hash a converted model directory (and its cache/) against the hashes recorded when written")
 def cmd_verify(p, args=None):
     if args is None:
         p.add_argument("model", help="converted model directory")
         return
+    from .files import printable
     from .verify import verify
-    problems = verify(args.model)
+    notes: list = []
+    problems = verify(args.model, notes)
+    for line in notes:
+        print(printable(line))
     if problems:
         for line in problems:
-            print(line)
+            print(printable(line))
         raise RefimplError(f"{args.model}: {len(problems)} file(s) failed verification")
-    print(f"{args.model}: all files match their recorded sha256")
+    print(f"{printable(args.model)}: all files match their recorded sha256")
 
 
 @command("predict", "run a prompt and print the next-token distribution at the last position")
@@ -89,21 +103,27 @@ def cmd_models(p, args=None):
 def cmd_prepare(p, args=None):
     if args is None:
         p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
-        p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"])
+        p.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="compute dtype (default float64)")
+        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"],
+                       help="readout the ranges are for (default frozen)")
         p.add_argument("--weight-cache", choices=["auto", "yes", "no"], default="auto",
-                       help="write the weights converted to --dtype (auto: when the copy is at most 8 GB)")
+                       help="write the weights converted to --dtype (auto, the default: when the copy is at most 8 GB)")
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         return
-    import time
-    from . import bounds
+    from . import bounds, cache, progress
     from .readout import Readout
     model = open_model(args)
-    t0 = time.perf_counter()
-    nbytes = sum(int(np.prod(t.shape)) for t in model.tensors.values()) * model.dtype.itemsize
-    if args.weight_cache == "yes" or (args.weight_cache == "auto" and nbytes <= 8 * 1024**3):
-        if model.upcast_cache is None and model.needs_upcast():
-            path = model.write_upcast_cache()
-            print(f"weights in {model.dtype.name}: {path} ({nbytes / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s)")
-    R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state
-    bounds.neuron_ranges(R)
-    print(f"per-neuron ranges ready in {bounds.cache_dir(model)} ({time.perf_counter() - t0:.1f} s)")
+    with progress.reporting(progress.Progress("prepare", quiet=args.quiet)) as prog:
+        nbytes = cache.weights_bytes(model)
+        try:
+            if args.weight_cache == "yes" or (args.weight_cache == "auto" and nbytes <= 8 * 1024**3):
+                if model.upcast_cache is None and model.needs_upcast():
+                    path = model.write_upcast_cache()
+                    print(f"weights in {model.dtype.name}: {path} ({nbytes / 1e9:.2f} GB)")
+            R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state
+            bounds.neuron_ranges(R)
+        except KeyboardInterrupt as e:
+            e.hint = "the layers finished so far are kept; run the same command again to resume"
+            raise
+        prog.done()
+    print(f"per-neuron ranges ready in {bounds.cache_dir(model)}")

@@ -6,13 +6,17 @@ select the small per-family pieces.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import FormatError
+from .files import read_json
 
+MAX_SIZE = (1 << 31) - 1             # largest size field (d_model, n_layers, d_vocab, n_ctx, ...)
+MAX_EPS = 1.0                        # largest norm epsilon that is not a mistake
 NORMS = ("layernorm", "rmsnorm")
 ACTS = ("gelu_new", "gelu", "relu", "silu")
 POSITIONS = ("learned", "rope", "sinusoidal")
@@ -65,29 +69,42 @@ class Config:
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        need(isinstance(self.family, str), f"family must be a string, got {self.family!r}")
+        need(isinstance(self.family, str), f"family must be a string, got {short(self.family)}")
         for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "d_vocab", "n_ctx"):
             v = getattr(self, k)
-            need(is_int(v) and v > 0, f"{k} must be a positive integer, got {v!r}")
-        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
-        need(self.act in ACTS, f"act must be one of {ACTS}, got {self.act!r}")
-        need(self.positions in POSITIONS, f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        need(self.embedding in HEADS and self.unembedding in HEADS, "embedding/unembedding must be linear or adaptive")
+            need(is_int(v) and 0 < v <= MAX_SIZE, f"{k} must be a positive integer up to {MAX_SIZE}, got {short(v)}")
+        need(isinstance(self.norm, str) and self.norm in NORMS, f"norm must be one of {NORMS}, got {short(self.norm)}")
+        need(isinstance(self.act, str) and self.act in ACTS, f"act must be one of {ACTS}, got {short(self.act)}")
+        need(isinstance(self.positions, str) and self.positions in POSITIONS,
+             f"positions must be one of {POSITIONS}, got {short(self.positions)}")
+        need(isinstance(self.embedding, str) and self.embedding in HEADS and isinstance(self.unembedding, str)
+             and self.unembedding in HEADS, "embedding/unembedding must be linear or adaptive")
         need(self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads")
-        need(is_num(self.norm_eps) and self.norm_eps >= 0, "norm_eps must be a non-negative number")
-        need(is_num(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        need(is_num(self.embed_scale), f"embed_scale must be a number, got {self.embed_scale!r}")
-        need(self.padding_idx is None or (is_int(self.padding_idx) and 0 <= self.padding_idx < 1 << 31),
-             f"padding_idx must be null or a non-negative integer, got {self.padding_idx!r}")
+        need(is_num(self.norm_eps) and 0 <= self.norm_eps <= MAX_EPS,
+             f"norm_eps must be a number in [0, {MAX_EPS}], got {short(self.norm_eps)}")
+        need(is_num(self.rope_theta) and self.rope_theta > 0,
+             f"rope_theta must be a positive finite number, got {short(self.rope_theta)}")
+        need(is_num(self.embed_scale) and self.embed_scale != 0,
+             f"embed_scale must be a finite non-zero number, got {short(self.embed_scale)}")
+        need(self.padding_idx is None or (is_int(self.padding_idx) and 0 <= self.padding_idx < self.d_vocab),
+             f"padding_idx must be null or a token id below d_vocab ({self.d_vocab}), got {short(self.padding_idx)}")
+        need(self.positions != "sinusoidal" or self.d_model >= 4,
+             f"sinusoidal positions need d_model >= 4 (fairseq's formula divides by d_model/2 - 1), "
+             f"got {self.d_model}")
         for k in ("final_norm", "gated_ffn", "tie_word_embeddings", "attn_bias", "mlp_bias"):
-            need(isinstance(getattr(self, k), bool), f"{k} must be true or false, got {getattr(self, k)!r}")
-        need(isinstance(self.prepend_ids, list) and all(is_int(i) and 0 <= i < self.d_vocab for i in self.prepend_ids),
-             f"prepend_ids must be a list of token ids below d_vocab, got {self.prepend_ids!r}")
-        need(isinstance(self.special_tokens, dict), "special_tokens must be an object")
+            need(isinstance(getattr(self, k), bool), f"{k} must be true or false, got {short(getattr(self, k))}")
+        need(isinstance(self.prepend_ids, list) and len(self.prepend_ids) <= 16
+             and all(is_int(i) and 0 <= i < self.d_vocab for i in self.prepend_ids),
+             f"prepend_ids must be a short list of token ids below d_vocab, got {short(self.prepend_ids)}")
+        need(isinstance(self.special_tokens, dict) and all(
+            isinstance(k, str) and (v is None or (is_int(v) and 0 <= v < self.d_vocab))
+            for k, v in self.special_tokens.items()),
+            f"special_tokens must map names to token ids below d_vocab, got {short(self.special_tokens)}")
         need(self.positions != "rope" or self.d_head % 2 == 0, "rope needs an even d_head")
         if "adaptive" in (self.embedding, self.unembedding):
             a = self.adaptive
             need(isinstance(a, dict) and "cutoffs" in a and "dims" in a, "adaptive needs cutoffs and dims")
+            need(isinstance(a["cutoffs"], list) and len(a["cutoffs"]) <= 64, "adaptive needs at most 64 bands")
             cut, dims = a["cutoffs"], a["dims"]
             need(isinstance(cut, list) and isinstance(dims, list) and len(cut) == len(dims) >= 1
                  and all(is_int(c) for c in cut) and all(is_int(x) and x > 0 for x in dims)
@@ -122,21 +139,30 @@ class Config:
         return d
 
 
+def short(v, n: int = 60) -> str:
+    """repr of a value from a file, bounded in time and length (nested or huge values included)."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, n, n, n
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = 6
+    s = r.repr(v)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
 def read_json_object(path: str, missing: str) -> dict:
-    """A JSON object from a file; one-line FormatError if missing (`missing` is the message),
-    unreadable, not JSON, or not an object. Shared by every reader of a JSON config."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(missing) from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    """A JSON object from a regular file of bounded size; one-line FormatError if missing
+    (`missing` is the message), unreadable, not a regular file, too large, not JSON, or not
+    an object. Shared by every reader of a JSON config."""
+    d = read_json(path, missing)
     if not isinstance(d, dict):
         raise FormatError(f"{path}: not a JSON object")
     return d
+
+
+def config_digest(cfg: dict) -> str:
+    """sha256 of config.json's content except this digest itself (so `verify` covers the config too)."""
+    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_config(model_dir: str) -> Config:
@@ -144,7 +170,10 @@ def read_config(model_dir: str) -> Config:
     d = read_json_object(path, f"{model_dir}: not a converted model directory (no config.json); "
                                f"run `refimpl convert` first")
     if d.get("format") not in (None, "refimpl-canonical"):
-        raise FormatError(f"{path}: not a refimpl canonical config (format={d.get('format')!r})")
+        raise FormatError(f"{path}: not a refimpl canonical config (format={short(d.get('format'))})")
+    if d.get("format_version", 1) != 1 or isinstance(d.get("format_version"), bool):
+        raise FormatError(f"{path}: format_version {short(d.get('format_version'))} is not one this refimpl "
+                          f"reads (1)")
     try:
         return Config.from_dict(d)
     except FormatError as e:            # name the file, not just "config.json"

@@ -11,3 +11,12 @@ class RefimplError(Exception):
 
 class FormatError(RefimplError):
     """A file is not in the format it claims to be (truncated, corrupted, hostile)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived while refimpl was writing (SIGINT stays a plain
+    KeyboardInterrupt): raised so that the writer removes its temporary files first."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -8,15 +8,16 @@ model do not re-convert, while a model larger than RAM streams layer by layer.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import re
 from collections import OrderedDict
 
 import numpy as np
 
-from .config import Config, read_config
+from .config import Config, read_config, short
 from .errors import FormatError, RefimplError
+from .files import read_json
 from .safetensors_io import NUMPY_TO_ST, StoredTensor, read_header
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -24,24 +25,42 @@ PINNED = ("unembed.", "ln_final.")
 
 
 def _index_tensors(model_dir: str) -> dict[str, StoredTensor]:
+    """{name: tensor} of every weight file: model.safetensors, or the shards listed in
+    model.safetensors.index.json. The index is type-checked and must agree with the shards
+    exactly (every listed tensor in its shard, every stored tensor listed); a tensor in two
+    shards is an error (never "the later one wins")."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{index}: invalid shard index ({e})") from None
-    elif os.path.exists(single):
-        files = ["model.safetensors"]
+    if os.path.lexists(index):
+        doc = read_json(index)
+        wm = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise FormatError(f"{index}: invalid shard index (no weight_map object of tensor names)")
+        for k, v in wm.items():
+            if not isinstance(v, str):
+                raise FormatError(f"{index}: invalid shard index: tensor {short(k)} maps to {short(v)}, "
+                                  f"not a file name")
+            if os.path.basename(v) != v or v in ("", ".", "..") or not v.endswith(".safetensors"):
+                raise FormatError(f"{index}: shard name {short(v)} is not a plain .safetensors file name")
+        files = sorted(set(wm.values()))
+    elif os.path.lexists(single):
+        files, wm = ["model.safetensors"], None
     else:
         raise FormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, StoredTensor] = {}
     for fname in files:
-        if os.path.basename(fname) != fname:
-            raise FormatError(f"{index}: shard name {fname!r} is not a plain file name")
         t, _ = read_header(os.path.join(model_dir, fname))
-        tensors.update(t)
+        for k, v in t.items():
+            if k in tensors:
+                raise FormatError(f"{os.path.join(model_dir, fname)}: tensor {short(k)} is also in "
+                                  f"{os.path.basename(tensors[k].path)}")
+            if wm is not None and wm.get(k) != fname:
+                raise FormatError(f"{index}: tensor {short(k)} is stored in {fname} but the index "
+                                  f"{'lists ' + short(wm[k]) if k in wm else 'does not list it'}")
+            tensors[k] = v
+    if wm is not None and set(wm) != set(tensors):
+        missing = sorted(set(wm) - set(tensors))[0]
+        raise FormatError(f"{index}: lists tensor {short(missing)} in {wm[missing]}, which does not hold it")
     return tensors
 
 
@@ -62,54 +81,24 @@ class Model:
         self._check_tensors()
         self.upcast_cache = self._open_upcast_cache()
 
-    # -- the prepared weight cache ---------------------------------------------------------
-    def upcast_cache_path(self) -> str:
-        from .bounds import cache_dir
-        return os.path.join(cache_dir(self), f"weights-{self.dtype.name}-{self.fingerprint()[:16]}.safetensors")
-
-    def fingerprint(self) -> str:
-        """sha256 over the recorded weight-file hashes (or the path when nothing is recorded)."""
-        import hashlib
-        files = self.cfg.extra.get("files") or {"path": os.path.abspath(self.path)}
-        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
+    # -- the prepared weight copy (refimpl/cache.py binds it to the model's exact files) ---------
     def needs_upcast(self) -> bool:
         """Whether any stored tensor differs from the compute dtype (and so has to be widened)."""
         return any(t.dtype != NUMPY_TO_ST[self.dtype] for t in self.tensors.values())
 
     def _open_upcast_cache(self):
-        """The weights in the compute dtype, if `refimpl prepare` wrote them (else None)."""
+        """The weights in the compute dtype, if `refimpl prepare` wrote them for exactly these
+        files (else None: a stale or damaged copy is never used)."""
         if not self.needs_upcast():
             return None                                   # nothing to convert anyway
-        path = self.upcast_cache_path()
-        if not os.path.exists(path):
-            return None
-        try:
-            tensors, meta = read_header(path)
-        except FormatError:
-            return None                                   # a damaged cache is ignored, never trusted
-        ok = meta.get("fingerprint") == self.fingerprint() and all(
-            n in tensors and tuple(tensors[n].shape) == tuple(t.shape) for n, t in self.tensors.items())
-        return tensors if ok else None
+        from . import cache
+        return cache.open_weights(self)
 
     def write_upcast_cache(self) -> str:
-        """Write every tensor in the compute dtype next to the model (exact: widening only)."""
-        import tempfile
-        from .safetensors_io import write_safetensors
-        path = self.upcast_cache_path()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        st = NUMPY_TO_ST[self.dtype]
-        names = sorted(self.tensors)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        os.close(fd)
-        try:
-            write_safetensors(tmp, [(n, self.tensors[n].shape, st) for n in names],
-                              ((n, np.asarray(self.tensors[n].numpy(), self.dtype)) for n in names),
-                              {"fingerprint": self.fingerprint()})
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Write every tensor in the compute dtype (exact: widening only) as `refimpl prepare`
+        does, one part per layer, resuming an interrupted copy; returns the entry's path."""
+        from . import cache, progress
+        path = cache.write_weights(self, progress.current())
         self.upcast_cache = self._open_upcast_cache()
         return path
 
@@ -227,9 +216,12 @@ class Model:
         c = self.cfg
         H, Hk, d, dh, F, V = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff, c.d_vocab
 
+        explained: set[str] = set()
+
         def check(want: dict, optional: dict = {}, layer: int | None = None) -> None:
             for name, shape in {**optional, **want}.items():      # want wins over optional
                 src, transpose = self._resolve(name)
+                explained.add(src)
                 if src not in self.tensors:
                     if name not in want:
                         continue
@@ -279,6 +271,14 @@ class Model:
             if any(n in self.tensors for n in qkv):      # the forward pass adds all three or none
                 want.update(qkv)
             check(want, opt, i)
+        extra = sorted(set(self.tensors) - explained)
+        if extra:                # a tensor the config does not explain: never silently ignored
+            m = re.match(r"blocks\.(\d+)\.", extra[0])
+            why = (f"config.json has n_layers={c.n_layers}, but the weights hold layer {m.group(1)}"
+                   if m and int(m.group(1)) >= c.n_layers else "config.json does not explain it")
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise FormatError(f"{self.path}: tensor {short(extra[0])}{more} is not used by this architecture: "
+                              f"{why}")
 
     # -- tokenizer -------------------------------------------------------------------
     @property
@@ -319,82 +319,8 @@ class Model:
         return self._tok("decode", lambda t: t.decode([int(i) for i in ids], skip_special_tokens=True))
 
 
-_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
-# decoded and encoded once at load, so a tokenizer that fails on ordinary text fails there
-_PROBE = ("Once upon a time, the capital of France is Paris. 12345 \t\n  "
-          + "".join(map(chr, range(0x20, 0x250))) + " 日本語 中文 한국어 Привет שלום مرحبا ☃ 😀 \x00\x7f")
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
-
-
-def _precompiled_charsmaps(node):
-    """Every `precompiled_charsmap` of a Precompiled normalizer in a tokenizer.json tree."""
-    stack = [node]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            if x.get("type") == "Precompiled" and "precompiled_charsmap" in x:
-                yield x["precompiled_charsmap"]
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-
-
-def _load_tokenizer(path: str):
-    """Load tokenizer.json; FormatError (never a panic, abort or plain Exception) if it is broken.
-
-    `tokenizers` indexes a Precompiled normalizer's trie unchecked (a panic at encode) and
-    honours `padding: {"Fixed": N}` by allocating N tokens (an abort on a huge N), so
-    charsmaps are checked first, padding and truncation (never wanted here) are switched off,
-    and the result must encode and decode a probe text.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FormatError(f"{path}: missing (every converted model has a tokenizer.json)") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: not UTF-8 text") from None
-    return tokenizer_from_text(text, path)
-
-
-def tokenizer_from_text(text: str, path: str):
-    """A `tokenizers.Tokenizer` from tokenizer.json text, checked as `_load_tokenizer` describes."""
-    import base64
-    import binascii
-    from tokenizers import Tokenizer
-    try:
-        # parsed only when it may name a Precompiled normalizer (also if spelled with \u escapes)
-        tree = json.loads(text) if "Precompiled" in text or "\\u" in text else None
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({_first_line(e)})") from None
-    try:
-        from converters.tokenizers.spm import check_precompiled_charsmap
-        for cm in _precompiled_charsmaps(tree):
-            if not isinstance(cm, str):
-                raise FormatError(f"{path}: precompiled_charsmap is not a base64 string")
-            try:
-                raw = base64.b64decode(cm, validate=True)
-            except (binascii.Error, ValueError):
-                raise FormatError(f"{path}: precompiled_charsmap is not valid base64") from None
-            check_precompiled_charsmap(raw, path)
-        tok = Tokenizer.from_str(text)
-        tok.no_padding()
-        tok.no_truncation()
-        ids = tok.encode(_PROBE, add_special_tokens=False).ids
-        tok.decode(ids, skip_special_tokens=False)
-    except RefimplError:
-        raise
-    except _FATAL:
-        raise
-    except BaseException as e:          # tokenizers: plain Exception, pyo3 PanicException (a BaseException)
-        raise FormatError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
-    return tok
+# tokenizer loading lives in refimpl/tokenizer.py; these names are kept for the importers
+from .tokenizer import _FATAL, _first_line, load_tokenizer as _load_tokenizer, tokenizer_from_text  # noqa: E402,F401
 
 
 def load(path: str, dtype: str = "float64", cache_bytes: int = 1 << 30) -> Model:

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import FormatError
+from .files import open_regular
 
 # safetensors dtype -> numpy storage dtype. BF16 is kept as raw uint16 bits.
 DTYPES = {
@@ -113,8 +114,8 @@ def read_header(path: str) -> tuple[dict[str, StoredTensor], dict]:
     """
     name = os.path.basename(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise FormatError(f"{name}: not a safetensors file (shorter than 8 bytes)")
@@ -181,14 +182,21 @@ def _st_dtype(a: np.ndarray, bf16: bool) -> str:
         raise ValueError(f"cannot store dtype {a.dtype} in safetensors") from None
 
 
-def write_safetensors(path: str, specs: list[tuple[str, tuple, str]],
+def write_safetensors(path, specs: list[tuple[str, tuple, str]],
                       tensors: Iterable[tuple[str, np.ndarray]], metadata: dict | None = None) -> None:
-    """Stream tensors into `path`.
+    """Stream tensors into `path` (a file name, or a binary file object with `write`).
 
     `specs` lists (name, shape, safetensors dtype) in writing order, so the header can be
     written first; `tensors` then yields (name, array) in the same order, one at a time.
     Arrays whose spec says BF16 must be raw uint16 bits.
     """
+    if hasattr(path, "write"):
+        return _write_safetensors(path, specs, tensors, metadata)
+    with open(path, "wb") as f:
+        _write_safetensors(f, specs, tensors, metadata)
+
+
+def _write_safetensors(f, specs, tensors, metadata) -> None:
     header, offset = {}, 0
     for name, shape, dtype in specs:
         nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
@@ -198,14 +206,13 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple, str]],
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                      # align data to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for (name, shape, dtype), (tname, arr) in zip(specs, tensors, strict=True):
-            if tname != name or tuple(arr.shape) != tuple(shape):
-                raise ValueError(f"tensor {tname} {arr.shape} does not match its spec {name} {shape}")
-            arr = np.ascontiguousarray(arr, dtype=DTYPES[dtype])
-            f.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for (name, shape, dtype), (tname, arr) in zip(specs, tensors, strict=True):
+        if tname != name or tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"tensor {tname} {arr.shape} does not match its spec {name} {shape}")
+        arr = np.ascontiguousarray(arr, dtype=DTYPES[dtype])
+        f.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
 
 
 def spec_of(name: str, arr: np.ndarray, bf16: bool = False) -> tuple[str, tuple, str]:

@@ -115,7 +115,7 @@ def word_tokenizer_json(vocab: list[str], unk: str | None = None) -> str:
 def write_random_model(dst: str, cfg: Config, seed: int = 0, dtype: str = "F32", force: bool = True,
                        tokenizer_json: str | None = None) -> str:
     """Write a random canonical model for `cfg` to `dst` (streams one tensor at a time)."""
-    from converters.canonical import Planned, write_canonical
+    from .writer import Planned, write_canonical
     np_dtype = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
     shapes = tensor_shapes(cfg)
 

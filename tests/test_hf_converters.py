@@ -421,8 +421,14 @@ def test_cli_refuses_non_empty_destination(gpt2_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err
     assert os.listdir(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "precious"
-    assert cli_main(["convert", gpt2_dir, str(dst), "--force"]) == 0
-    assert "keep.txt" not in os.listdir(dst) and (dst / "config.json").exists()
+    # --force replaces only a model refimpl converted, never other content
+    assert cli_main(["convert", gpt2_dir, str(dst), "--force"]) == 2
+    assert "not a refimpl model folder" in capsys.readouterr().err
+    assert os.listdir(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "precious"
+    model = tmp_path / "model"
+    assert cli_main(["convert", gpt2_dir, str(model)]) == 0
+    assert cli_main(["convert", gpt2_dir, str(model), "--force"]) == 0
+    assert (model / "config.json").exists() and cli_main(["verify", str(model)]) == 0
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "not-an-object"])

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 import refimpl
 from refimpl.cli import main
@@ -30,17 +31,19 @@ def test_prepared_weights_give_bit_identical_results(tmp_path):
 def test_stale_or_damaged_cache_is_ignored(tmp_path):
     d = _model(tmp_path)
     assert main(["prepare", "--model", str(d)]) == 0
-    path = refimpl.load(str(d)).upcast_cache_path()
-    data = bytearray(open(path, "rb").read())
-    open(path, "wb").write(data[: len(data) // 2])            # truncated: unreadable
-    assert refimpl.load(str(d)).upcast_cache is None
+    part = d / "cache" / "weights-float64-L0000.safetensors"
+    data = bytearray(part.read_bytes())
+    part.write_bytes(data[: len(data) // 2])                  # truncated: unreadable
+    with pytest.warns(UserWarning, match="changed after it was written"):
+        assert refimpl.load(str(d)).upcast_cache is None
     assert main(["prepare", "--model", str(d)]) == 0
-    # a cache whose fingerprint does not match the model's recorded files is not used
+    assert refimpl.load(str(d)).upcast_cache is not None
+    # a copy built from other model files is not used
     cfg = json.loads((d / "config.json").read_text())
     cfg["files"]["model.safetensors"] = "0" * 64
     (d / "config.json").write_text(json.dumps(cfg))
-    m = refimpl.load(str(d))
-    assert m.upcast_cache is None
+    with pytest.warns(UserWarning, match="stale"):
+        assert refimpl.load(str(d)).upcast_cache is None
 
 
 def test_float32_storage_needs_no_cache(tmp_path):

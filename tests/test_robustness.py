@@ -508,7 +508,7 @@ def test_failed_force_conversion_keeps_the_old_model(tmp_path, capfd):
 
 def test_failure_while_writing_cleans_up(tmp_path, capfd, monkeypatch):
     """An error in the middle of writing tensors (here: the 5th tensor) removes the temp directory."""
-    from converters import canonical
+    from refimpl import writer as canonical
     model, tok = llama2c_files(tmp_path)
     calls = {"n": 0}
     real = canonical._checked

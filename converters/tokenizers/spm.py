@@ -22,67 +22,17 @@ No post-processor: BOS is not added by the tokenizer (refimpl prepends `prepend_
 """
 from __future__ import annotations
 
-import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from refimpl.errors import FormatError
+from refimpl.tokenizer import check_precompiled_charsmap  # noqa: F401  (re-exported: it belongs to the format)
 
 from .sentencepiece_model import (BPE as SPM_BPE, BYTE, CONTROL, MODEL_TYPE_NAMES, NORMAL,
                                   UNKNOWN, USER_DEFINED, SentencePieceModel,
                                   read_sentencepiece_model)
 
 SPACE = "\u2581"   # "▁", SentencePiece's escaped whitespace
-
-
-def check_precompiled_charsmap(charsmap: bytes, what: str = "tokenizer") -> None:
-    """Refuse a `precompiled_charsmap` that would make `tokenizers` panic while encoding.
-
-    Layout: u32 trie size in bytes, the darts-clone double array (u32 units), then the
-    NUL-separated replacement strings (UTF-8). tokenizers' reader (spm_precompiled) indexes
-    the array without bounds checks, so every reachable node is walked here for all 255
-    non-zero input bytes: every child slot must exist, and every leaf must point inside
-    the strings at a character boundary.
-    """
-    if len(charsmap) < 4:
-        raise FormatError(f"{what}: precompiled_charsmap is truncated")
-    size = int.from_bytes(charsmap[:4], "little")
-    n = size // 4
-    if n == 0 or 4 + 4 * n > len(charsmap):
-        raise FormatError(f"{what}: precompiled_charsmap trie of {size} bytes does not fit")
-    arr = np.frombuffer(charsmap, dtype="<u4", count=n, offset=4).astype(np.int64)
-    strings = np.frombuffer(charsmap, dtype=np.uint8, offset=4 + 4 * n)
-    try:
-        bytes(strings).decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError(f"{what}: precompiled_charsmap replacement strings are not UTF-8") from None
-    # positions that start a character: < 0x80 or >= 0xC0, plus the end of the strings
-    boundary = np.append((strings < 0x80) | (strings >= 0xC0), True)
-
-    def offset(u):
-        return (u >> 10) << ((u & (1 << 9)) >> 6)
-
-    labels = np.arange(1, 256, dtype=np.int64)
-    frontier = np.unique(offset(arr[:1]))
-    seen = np.zeros(n, dtype=bool)
-    while frontier.size:
-        if frontier.max() >= n:
-            raise FormatError(f"{what}: precompiled_charsmap trie points outside itself")
-        seen[frontier] = True
-        children = frontier[:, None] ^ labels[None, :]
-        if children.max() >= n:
-            raise FormatError(f"{what}: precompiled_charsmap trie points outside itself")
-        units = arr[children]
-        hit = (units & 0x800000FF) == labels[None, :]
-        nxt = children[hit] ^ offset(units[hit])
-        if nxt.size and nxt.max() >= n:
-            raise FormatError(f"{what}: precompiled_charsmap trie points outside itself")
-        leaf = nxt[((units[hit] >> 8) & 1) == 1]
-        values = arr[leaf] & 0x7FFFFFFF
-        if values.size and (values.max() > strings.size or not boundary[values].all()):
-            raise FormatError(f"{what}: precompiled_charsmap replacement index is out of range")
-        nxt = np.unique(nxt)
-        frontier = nxt[~seen[nxt]]
 
 
 def spm_merges(pieces, scores, types) -> list[tuple[str, str]]:

@@ -1,0 +1,567 @@
+"""Derived data of a model, stored so that it can never give a stale answer.
+
+`refimpl prepare` stores two kinds of derived data: an exact copy of the weights in the
+compute dtype (`weights-<dtype>`, one safetensors part per layer plus one for the rest)
+and the per-neuron score ranges of the exact counts (`ranges-<readout>-<dtype>`, one
+.npz). Each entry is its payload files plus a manifest `<entry>.json` that binds it to the
+exact bytes it came from:
+
+    {"refimpl_cache": 1, "kind": ..., "entry": ..., "params": {...}, "complete": true,
+     "sources":  [{"name", "bytes", "mtime_ns", "ctime_ns", "inode", "sha256"}, ...],
+     "payloads": [{"name", "bytes", "mtime_ns", "ctime_ns", "inode", "sha256"}, ...]}
+
+`sources` are the model's config.json and weight files, hashed when the entry was built;
+`payloads` are the entry's own files. On every use (`lookup`) both are stat'ed and must
+match size, mtime_ns, ctime_ns and inode (small payloads are also re-hashed): a model
+edited after `prepare` (say, an ablation of every mlp.W_out) or a doctored cache file
+makes the entry stale, and a stale entry is never used: the weights are then upcast from
+the model itself (with a warning that `refimpl prepare` rebuilds the copy) and ranges are
+recomputed. `refimpl verify` re-hashes every payload and source and compares the weight
+copy with the model tensor by tensor (`check`).
+
+Entries live in cache/ beside the model, or, for a read-only or packaged model, in the user
+cache (`$XDG_CACHE_HOME/refimpl/<key>/`, default ~/.cache). Writes are atomic (temporary
+file, then rename) and honour the umask. An interrupted `prepare` leaves an incomplete
+manifest; the next one resumes from the parts it lists (checked the same way).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+
+import numpy as np
+
+from .errors import FormatError, RefimplError
+from .files import chmod_default, parse_json, read_bytes, read_text, sha256_file
+
+VERSION = 1
+NAME_RE = re.compile(r"(weights-(float32|float64)(-L\d{4}|-rest)?\.(safetensors|json)"
+                     r"|ranges-(frozen|raw)-(float32|float64)\.(npz|json)"
+                     r"|\.[^/]+\.tmp)$")
+SMALL_PAYLOAD = 64 << 20        # payloads up to this size are re-hashed on every use
+STAT_KEYS = ("bytes", "mtime_ns", "ctime_ns", "inode")
+
+
+def is_cache_name(name: str) -> bool:
+    """Whether a file name in cache/ is one refimpl writes (an entry, a manifest, a temporary file)."""
+    return bool(NAME_RE.match(name))
+
+
+# --------------------------------------------------------------------------- where
+
+
+def cache_dir(model) -> str:
+    """cache/ beside the model, unless the model is package data or its folder is read-only:
+    then $XDG_CACHE_HOME/refimpl/<key> (default ~/.cache/refimpl/<key>), one folder per model."""
+    from .embedded import DATA
+    path = os.path.abspath(model.path)
+    inside_package = path.startswith(os.path.abspath(DATA) + os.sep)
+    if os.access(path, os.W_OK) and not inside_package:
+        return os.path.join(path, "cache")
+    return user_cache_dir(path)
+
+
+def user_cache_dir(model_path: str) -> str:
+    key = hashlib.sha256(os.path.realpath(model_path).encode()).hexdigest()[:16]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "refimpl", key)
+
+
+def model_sources(model) -> list[str]:
+    """The files derived data depends on: config.json and every weight file."""
+    files = {os.path.abspath(t.path) for t in model.tensors.values()}
+    return [os.path.join(os.path.abspath(model.path), "config.json")] + sorted(files)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _same(rec: dict, path: str) -> bool:
+    try:
+        now = identity(path)
+    except OSError:
+        return False
+    return all(rec.get(k) == now[k] for k in STAT_KEYS)
+
+
+def _rel(model_path: str, path: str) -> str:
+    """A source's name in the manifest: relative to the model folder."""
+    return os.path.relpath(path, os.path.abspath(model_path))
+
+
+def hash_sources(model, progress=None) -> list[dict]:
+    """Identity and sha256 of every source, each stat'ed before hashing (see `sources_unchanged`)."""
+    out = []
+    for p in model_sources(model):
+        rec = {"name": _rel(model.path, p), **identity(p)}
+        rec["sha256"] = sha256_file(p, progress=progress)
+        out.append(rec)
+    return out
+
+
+def sources_unchanged(model, recs: list[dict]) -> bool:
+    """Whether the model's sources still are the files `recs` describes (none added or removed)."""
+    paths = model_sources(model)
+    if not isinstance(recs, list) or len(recs) != len(paths):
+        return False
+    by_name = {r.get("name"): r for r in recs if isinstance(r, dict)}
+    return all(_rel(model.path, p) in by_name and _same(by_name[_rel(model.path, p)], p) for p in paths)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _manifest_path(folder: str, entry: str) -> str:
+    return os.path.join(folder, f"{entry}.json")
+
+
+def read_manifest(folder: str, entry: str) -> dict | None:
+    """The manifest of `entry` if present and well-formed, else None."""
+    path = _manifest_path(folder, entry)
+    if not os.path.lexists(path):
+        return None
+    try:
+        m = parse_json(read_text(path, "json"), path)
+    except FormatError:
+        return None
+    ok = (isinstance(m, dict) and m.get("refimpl_cache") == VERSION and m.get("entry") == entry
+          and isinstance(m.get("sources"), list) and isinstance(m.get("payloads"), list)
+          and isinstance(m.get("complete"), bool) and isinstance(m.get("params"), dict)
+          and all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("sha256"), str)
+                  and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for k in STAT_KEYS)
+                  for r in m["sources"] + m["payloads"])
+          and all(os.path.basename(r["name"]) == r["name"] and is_cache_name(r["name"]) for r in m["payloads"]))
+    return m if ok else None
+
+
+def _atomic_write(folder: str, name: str, write) -> dict:
+    """Write `folder/name` atomically (temporary file + rename; umask permissions); its record."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        h = hashlib.sha256()
+        with open(tmp, "xb") as f:
+            chmod_default(tmp)
+
+            class _Hashing:                       # hash while writing: no second read of a large part
+                def write(self, b):
+                    h.update(b)
+                    return f.write(b)
+            write(_Hashing())
+            f.flush()
+            os.fsync(f.fileno())
+        path = os.path.join(folder, name)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"name": name, **identity(path), "sha256": h.hexdigest()}
+
+
+def write_manifest(folder: str, entry: str, kind: str, params: dict, sources: list[dict], payloads: list[dict],
+                   complete: bool) -> None:
+    import json
+    m = {"refimpl_cache": VERSION, "kind": kind, "entry": entry, "params": params, "complete": complete,
+         "sources": sources, "payloads": payloads}
+    text = json.dumps(m, indent=1).encode()
+    _atomic_write(folder, f"{entry}.json", lambda f: f.write(text))
+
+
+def payloads_unchanged(folder: str, recs: list[dict], rehash_small: bool = True) -> bool:
+    for r in recs:
+        p = os.path.join(folder, r["name"])
+        if not _same(r, p):
+            return False
+        if rehash_small and r["bytes"] <= SMALL_PAYLOAD:
+            try:
+                if hashlib.sha256(read_bytes(p, "tokenizer")).hexdigest() != r["sha256"]:
+                    return False
+            except FormatError:
+                return False
+    return True
+
+
+def lookup(model, entry: str, params: dict) -> tuple[dict | None, str | None]:
+    """(manifest, None) if `entry` is complete and bound to the model's current files, else
+    (None, why not): None when there is no entry at all."""
+    folder = cache_dir(model)
+    if not os.path.lexists(_manifest_path(folder, entry)):
+        return None, None
+    m = read_manifest(folder, entry)
+    where = os.path.join(folder, entry)
+    if m is None:
+        return None, f"{where}: damaged cache manifest; not used"
+    if not m["complete"]:
+        return None, f"{where}: incomplete (an interrupted `refimpl prepare`); not used"
+    if m["params"] != params:
+        return None, f"{where}: built for other settings; not used"
+    if not sources_unchanged(model, m["sources"]):
+        return None, (f"{where}: stale: the model's files changed since it was built (size, time or inode); "
+                      f"not used")
+    if not payloads_unchanged(folder, m["payloads"]):
+        return None, f"{where}: its files were changed after it was written; not used"
+    return m, None
+
+
+def free_bytes(folder: str) -> int:
+    probe = folder
+    while not os.path.isdir(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return shutil.disk_usage(probe).free
+
+
+def check_space(folder: str, need: int, prog) -> None:
+    """Say how much will be written, and refuse before writing when the disk cannot hold it."""
+    free = free_bytes(folder)
+    prog.note(f"will write {need / 1e9:.2f} GB to {folder} ({free / 1e9:.1f} GB free)")
+    if need > free - (64 << 20):
+        raise RefimplError(f"{folder}: needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free; "
+                           f"nothing was written")
+
+
+def remove_entry(folder: str, entry: str, keep: set = frozenset()) -> None:
+    """Remove an entry's manifest and payload files (names it lists or that follow its pattern)."""
+    prefix = entry + "."
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name in keep or not is_cache_name(name):
+            continue
+        if name == f"{entry}.json" or name.startswith(entry + "-") or name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- the weight copy
+
+
+def weights_entry(model) -> str:
+    return f"weights-{model.dtype.name}"
+
+
+def _part_names(model) -> list[tuple[str, list[str]]]:
+    """(payload name, tensor names) of every part: one per layer, one for the rest."""
+    entry = weights_entry(model)
+    parts = []
+    for i in range(model.cfg.n_layers):
+        p = f"blocks.{i}."
+        parts.append((f"{entry}-L{i:04d}.safetensors", sorted(n for n in model.tensors if n.startswith(p))))
+    rest = sorted(n for n in model.tensors if not n.startswith("blocks."))
+    parts.append((f"{entry}-rest.safetensors", rest))
+    return parts
+
+
+def _weights_params(model) -> dict:
+    return {"dtype": model.dtype.name}
+
+
+def open_weights(model):
+    """{name: StoredTensor} of a fresh prepared weight copy, or None (with a warning if it exists
+    but is stale or damaged: the weights are then upcast from the model itself)."""
+    import warnings
+    from .safetensors_io import NUMPY_TO_ST, read_header
+    m, why = lookup(model, weights_entry(model), _weights_params(model))
+    if m is None:
+        if why:
+            warnings.warn(f"{why}; run `refimpl prepare` to rebuild it", stacklevel=3)
+        return None
+    folder, st = cache_dir(model), NUMPY_TO_ST[model.dtype]
+    tensors = {}
+    try:
+        for r in m["payloads"]:
+            t, _ = read_header(os.path.join(folder, r["name"]))
+            for k, v in t.items():
+                if k in tensors:
+                    raise FormatError(f"{r['name']}: tensor {k!r} is in two parts")
+                tensors[k] = v
+    except FormatError as e:
+        warnings.warn(f"{os.path.join(folder, weights_entry(model))}: damaged ({e}); not used; run "
+                      f"`refimpl prepare` to rebuild it", stacklevel=3)
+        return None
+    ok = set(tensors) == set(model.tensors) and all(
+        tuple(tensors[n].shape) == tuple(t.shape) and tensors[n].dtype == st for n, t in model.tensors.items())
+    if not ok:
+        warnings.warn(f"{os.path.join(folder, weights_entry(model))}: does not match the model's tensors; not "
+                      f"used; run `refimpl prepare` to rebuild it", stacklevel=3)
+        return None
+    return tensors
+
+
+def weights_bytes(model) -> int:
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in model.tensors.values()) * model.dtype.itemsize
+
+
+def write_weights(model, prog) -> str:
+    """Write (or finish) the prepared weight copy, one part per layer; each finished part is
+    recorded in the manifest at once, so an interrupted run resumes where it stopped."""
+    from .safetensors_io import NUMPY_TO_ST, write_safetensors
+    folder, entry, params = cache_dir(model), weights_entry(model), _weights_params(model)
+    st = NUMPY_TO_ST[model.dtype]
+    parts = _part_names(model)
+    old = read_manifest(folder, entry)
+    prog.stage("hashing the model's files", total=sum(os.path.getsize(p) for p in model_sources(model)), unit="B")
+    sources = hash_sources(model, progress=prog.update)
+    done: list[dict] = []
+    if old is not None and not old["complete"] and old["params"] == params and _same_hashes(old["sources"], sources) \
+            and payloads_unchanged(folder, old["payloads"], rehash_small=False):
+        names = {p for p, _ in parts}
+        done = [r for r in old["payloads"] if r["name"] in names]
+        if done:
+            prog.note(f"resuming: {len(done)} of {len(parts)} parts of the weight copy are already written")
+    else:
+        remove_entry(folder, entry)
+    have = {r["name"] for r in done}
+    todo = [(p, names) for p, names in parts if p not in have]
+    per = {p: sum(int(np.prod(model.tensors[n].shape, dtype=np.int64)) for n in names) * model.dtype.itemsize
+           for p, names in todo}
+    check_space(folder, sum(per.values()), prog)
+    prog.stage(f"writing the weights in {model.dtype.name} ({len(todo)} parts)", total=sum(per.values()), unit="B")
+    for p, names in todo:
+        specs = [(n, model.tensors[n].shape, st) for n in names]
+
+        def write(f, names=names, specs=specs):
+            write_safetensors(f, specs, ((n, np.asarray(model.tensors[n].numpy(), model.dtype)) for n in names),
+                              {"entry": entry})
+        done.append(_atomic_write(folder, p, write))
+        write_manifest(folder, entry, "weights", params, sources, done, complete=False)
+        prog.update(per[p])
+    if not sources_unchanged(model, sources):
+        remove_entry(folder, entry)
+        raise RefimplError(f"{model.path}: the model's files changed while `prepare` was reading them; "
+                           f"nothing was kept; run it again")
+    order = {p: k for k, (p, _) in enumerate(parts)}
+    write_manifest(folder, entry, "weights", params, sources, sorted(done, key=lambda r: order[r["name"]]),
+                   complete=True)
+    return os.path.join(folder, entry)
+
+
+def _same_hashes(a: list[dict], b: list[dict]) -> bool:
+    return [(r.get("name"), r.get("sha256")) for r in a] == [(r["name"], r["sha256"]) for r in b]
+
+
+# --------------------------------------------------------------------------- per-neuron ranges
+
+
+def ranges_entry(model, kind: str) -> str:
+    return f"ranges-{kind}-{model.dtype.name}"
+
+
+def _ranges_params(model, kind: str) -> dict:
+    return {"readout": kind, "dtype": model.dtype.name, "d_ff": model.cfg.d_ff, "n_layers": model.cfg.n_layers}
+
+
+def _load_npz(path: str, names: list[str], shape: tuple) -> dict | None:
+    """Arrays `names` of `shape`, finite and non-negative, from an .npz (None if anything is off)."""
+    import io
+    import zipfile
+    try:
+        data = read_bytes(path, "tokenizer")
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            if sorted(f.files) != sorted(names):
+                return None
+            out = {k: np.asarray(f[k], np.float64) for k in names}
+    except (FormatError, OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
+        return None
+    if any(a.shape != shape or not np.isfinite(a).all() or (a < 0).any() for a in out.values()):
+        return None
+    return out
+
+
+def range_parts(model, readout_head) -> list[str]:
+    return ["vocab"] if not readout_head.adaptive else ["head"] + [f"band{c}" for c in range(1, len(readout_head.bands))]
+
+
+def load_ranges(model, kind: str, names: list[str]) -> tuple[dict | None, str | None]:
+    """Fresh stored ranges {part: [n_layers, d_ff]}, or (None, why not)."""
+    m, why = lookup(model, ranges_entry(model, kind), _ranges_params(model, kind))
+    if m is None:
+        return None, why
+    if len(m["payloads"]) != 1:
+        return None, f"{ranges_entry(model, kind)}: damaged manifest; not used"
+    out = _load_npz(os.path.join(cache_dir(model), m["payloads"][0]["name"]), names,
+                    (model.cfg.n_layers, model.cfg.d_ff))
+    if out is None:
+        return None, f"{os.path.join(cache_dir(model), ranges_entry(model, kind))}: damaged; not used"
+    return out, None
+
+
+def ranges_ready(model, kind: str) -> bool:
+    m, _ = lookup(model, ranges_entry(model, kind), _ranges_params(model, kind))
+    return m is not None
+
+
+def build_ranges(model, kind: str, names: list[str], compute_layer, prog=None, store: bool = True) -> dict:
+    """Ranges of every layer: compute_layer(i) -> {part: [n_layers, d_ff] with row i filled}.
+    Resumes from an incomplete entry of the same sources; each layer is checkpointed."""
+    from . import progress as _progress
+    prog = prog or _progress.current()
+    folder, entry, params = cache_dir(model), ranges_entry(model, kind), _ranges_params(model, kind)
+    L, F = model.cfg.n_layers, model.cfg.d_ff
+    out = {n: np.zeros((L, F)) for n in names}
+    start, sources = 0, None
+    if store:
+        try:
+            prog.stage("hashing the model's files", total=sum(os.path.getsize(p) for p in model_sources(model)),
+                       unit="B")
+            sources = hash_sources(model, progress=prog.update)
+        except (OSError, FormatError):
+            store = False
+    if store:
+        old = read_manifest(folder, entry)
+        if old is not None and not old["complete"] and old["params"] == params and len(old["payloads"]) == 1 \
+                and _same_hashes(old["sources"], sources) and payloads_unchanged(folder, old["payloads"]):
+            part = _load_partial(os.path.join(folder, old["payloads"][0]["name"]), names, (L, F))
+            if part is not None:
+                start, out = part
+                if start:
+                    prog.note(f"resuming: ranges of {start} of {L} layers are already computed")
+    prog.stage(f"per-neuron ranges ({kind} readout, {L} layers)", total=L - start, unit="layer")
+    for i in range(start, L):
+        layer = compute_layer(i)
+        for n in names:
+            out[n][i] = layer[n][i]
+        prog.update(1)
+        if store and i + 1 < L:
+            try:
+                _save_ranges(folder, entry, params, sources, out, i + 1, complete=False)
+            except OSError:
+                store = False                    # a read-only or full disk: keep computing, do not store
+    if store:
+        try:
+            if sources_unchanged(model, sources):
+                _save_ranges(folder, entry, params, sources, out, L, complete=True)
+            else:
+                remove_entry(folder, entry)
+        except OSError:
+            pass
+    return out
+
+
+def _save_ranges(folder, entry, params, sources, out, layers_done, complete):
+    import io
+    buf = io.BytesIO()
+    arrays = dict(out) if complete else {**out, "layers_done": np.array(layers_done)}
+    np.savez(buf, **arrays)
+    rec = _atomic_write(folder, f"{entry}.npz", lambda f: f.write(buf.getvalue()))
+    write_manifest(folder, entry, "ranges", params, sources, [rec], complete=complete)
+
+
+def _load_partial(path, names, shape):
+    import io
+    import zipfile
+    try:
+        with np.load(io.BytesIO(read_bytes(path, "tokenizer")), allow_pickle=False) as f:
+            if sorted(f.files) != sorted(names + ["layers_done"]):
+                return None
+            done = int(f["layers_done"])
+            out = {k: np.asarray(f[k], np.float64) for k in names}
+    except (FormatError, OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError, KeyError):
+        return None
+    if not 0 <= done <= shape[0] or any(a.shape != shape or not np.isfinite(a).all() for a in out.values()):
+        return None
+    return done, out
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def check(model, source_hashes: dict | None = None, notes: list | None = None) -> list[str]:
+    """Problems with the model's stored derived data, one line each (for `refimpl verify`):
+    payloads whose content differs from their manifest, entries whose sources changed, a weight
+    copy whose values are not the model's, and files in cache/ that belong to no entry."""
+    problems = []
+    folders = [os.path.join(os.path.abspath(model.path), "cache"), user_cache_dir(model.path)]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        shown = os.path.relpath(folder, os.path.abspath(model.path)) if folder.startswith(
+            os.path.abspath(model.path)) else folder
+        names = sorted(os.listdir(folder))
+        claimed = set()
+        for name in names:
+            if not name.endswith(".json") or not is_cache_name(name):
+                continue
+            entry = name[:-5]
+            claimed.add(name)
+            m = read_manifest(folder, entry)
+            if m is None:
+                problems.append(f"{shown}/{name}: damaged cache manifest")
+                continue
+            claimed.update(r["name"] for r in m["payloads"])
+            problems += _check_entry(model, folder, shown, entry, m, source_hashes or {}, notes)
+        for name in names:
+            if name not in claimed:
+                problems.append(f"{shown}/{name}: not part of any cache entry")
+    return problems
+
+
+def _check_entry(model, folder, shown, entry, m, source_hashes, notes) -> list[str]:
+    from .files import printable
+    out = []
+    for r in m["payloads"]:
+        p = os.path.join(folder, r["name"])
+        if not os.path.isfile(p):
+            out.append(f"{shown}/{printable(r['name'])}: missing")
+        elif sha256_file(p) != r["sha256"]:
+            out.append(f"{shown}/{printable(r['name'])}: content differs from what was recorded when it was "
+                       f"written (modified or corrupted)")
+    if out:
+        return out
+    if not m["complete"]:
+        if notes is not None:
+            notes.append(f"{shown}/{entry}: incomplete (an interrupted `refimpl prepare`); not used")
+        return out
+    paths = {_rel(model.path, p): p for p in model_sources(model)}
+    for r in m["sources"]:
+        p = paths.get(r["name"])
+        cur = source_hashes.get(r["name"]) if p is not None else None
+        if p is not None and cur is None:
+            cur = sha256_file(p)
+        if p is None or cur != r["sha256"]:
+            out.append(f"{shown}/{entry}: stale: built from a different {printable(r['name'])}; it is not used "
+                       f"(run `refimpl prepare` to rebuild it)")
+            return out
+    if len(m["sources"]) != len(paths):
+        return out + [f"{shown}/{entry}: stale: built from other model files; it is not used"]
+    if m["kind"] == "weights" and m["params"].get("dtype") in ("float32", "float64"):
+        out += _compare_weights(model, folder, shown, entry, m, np.dtype(m["params"]["dtype"]))
+    return out
+
+
+def _compare_weights(model, folder, shown, entry, m, dtype) -> list[str]:
+    """Every tensor of the copy must be the exact widening of the model's tensor."""
+    from .safetensors_io import read_header
+    seen = set()
+    for r in m["payloads"]:
+        try:
+            tensors, _ = read_header(os.path.join(folder, r["name"]))
+        except FormatError as e:
+            return [f"{shown}/{r['name']}: {e}"]
+        for n, t in tensors.items():
+            seen.add(n)
+            if n not in model.tensors or tuple(model.tensors[n].shape) != tuple(t.shape):
+                return [f"{shown}/{r['name']}: holds tensor {n!r}, which the model does not have in that shape"]
+            a = model.tensors[n].numpy()
+            b = t.raw()
+            rows = max(1, (16 << 20) // max(1, a[:1].nbytes)) if a.ndim else 1
+            for s in range(0, a.shape[0] if a.ndim else 1, rows):
+                x = np.asarray(a[s:s + rows] if a.ndim else a, dtype)
+                y = np.asarray(b[s:s + rows] if b.ndim else b)
+                if x.dtype != y.dtype or not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
+                    return [f"{shown}/{r['name']}: tensor {n!r} differs from the model's weights "
+                            f"(modified after it was written)"]
+    if seen != set(model.tensors):
+        return [f"{shown}/{entry}: does not hold every tensor of the model"]
+    return []
