@@ -25,6 +25,7 @@ import re
 
 import numpy as np
 
+from refimpl.config import short
 from refimpl.errors import FormatError
 
 from .hf_common import Weights
@@ -89,7 +90,7 @@ class Options:
         return v
 
     def _bad(self, key, v, want):
-        return FormatError(f"{self.where}: model option {key}={str(v)[:60]!r} must be {want}")
+        return FormatError(f"{self.where}: model option {key}={short(v, 60)} must be {want}")
 
     def int(self, key, default=None) -> int:
         v = self.get(key, default)
@@ -165,7 +166,7 @@ def architecture(o: Options, sd: Weights) -> dict:
     w = o.where
     arch = o.arch
     if not isinstance(arch, str) or not ARCH_RE.match(arch):
-        raise FormatError(f"{w}: architecture {str(arch)[:60]!r} is not supported (only fairseq's "
+        raise FormatError(f"{w}: architecture {short(arch, 60)} is not supported (only fairseq's "
                           f"transformer_lm language models)")
     for key, what in REFUSED_TRUE.items():
         if o.bool(key, False):
@@ -173,7 +174,7 @@ def architecture(o: Options, sd: Weights) -> dict:
     if o.get("decoder_layers_to_keep"):
         raise FormatError(f"{w}: decoder_layers_to_keep (a pruned model) is not supported")
     if o.get("base_layers", 0) not in (0, None):
-        raise FormatError(f"{w}: base_layers={o.get('base_layers')} (BASE layers) is not supported")
+        raise FormatError(f"{w}: base_layers={short(o.get('base_layers'))} (BASE layers) is not supported")
     if o.get("decoder_xformers_att_config"):
         raise FormatError(f"{w}: decoder_xformers_att_config (xformers attention) is not supported")
     if o.get("output_dictionary_size", -1) not in (-1, None) or \
@@ -185,7 +186,7 @@ def architecture(o: Options, sd: Weights) -> dict:
         raise FormatError(f"{w}: decoder_normalize_before=False (a post-norm transformer) is not supported")
     act = o.get("activation_fn")
     if act not in ACTIVATIONS:
-        raise FormatError(f"{w}: activation_fn {str(act)[:40]!r} is not supported (known: {', '.join(ACTIVATIONS)})")
+        raise FormatError(f"{w}: activation_fn {short(act, 40)} is not supported (known: {', '.join(ACTIVATIONS)})")
 
     d = o.int("decoder_embed_dim")
     d_in = o.int("decoder_input_dim", d)

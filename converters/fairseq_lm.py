@@ -53,10 +53,12 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import warnings
 
+from refimpl.config import short
 from refimpl.errors import FormatError, RefimplError
 
 from .canonical import write_canonical
@@ -125,7 +127,7 @@ def _state_dict(sd: dict, path: str) -> Weights:
     tensors = {}
     for k, v in sd.items():
         if not isinstance(k, str):
-            raise FormatError(f"{label}: state-dict key {str(k)[:40]!r} is not a string")
+            raise FormatError(f"{label}: state-dict key {short(k, 40)} is not a string")
         if not all(hasattr(v, a) for a in ("shape", "dtype", "raw")):
             raise FormatError(f"{label}: state-dict entry {k!r} is a {type(v).__name__}, not a tensor")
         m = OLD_LN_RE.match(k)          # fairseq's upgrade of 2018 layer_norms.{0,1,2}
@@ -177,6 +179,22 @@ def _vocab_size(a: dict, sd: Weights) -> int:
     return int(sd["decoder.embed_tokens.weight"].shape[0])
 
 
+def band_widths(d: int, factor: float, n: int, what: str) -> list[int]:
+    """fairseq's band widths int(d // factor**c), c = 0..n-1, computed so that no factor a
+    checkpoint claims can divide by zero, overflow or give a width outside 1 .. d * 2^16."""
+    dims = []
+    for c in range(n):
+        try:
+            den = factor ** c
+            w = d // den if den > 0 else math.inf
+        except (OverflowError, ZeroDivisionError):
+            w = math.inf
+        if not (math.isfinite(w) and 1 <= w <= d << 16):
+            raise FormatError(f"{what} are not all positive integers of a sane size (band {c}: {w:g})")
+        dims.append(int(w))
+    return dims
+
+
 def _plan(a: dict, sd: Weights, V: int) -> tuple[list, dict]:
     d, H, F, L = a["d"], a["H"], a["F"], a["L"]
     dh = d // H
@@ -187,10 +205,8 @@ def _plan(a: dict, sd: Weights, V: int) -> tuple[list, dict]:
     # -- embeddings
     if a["adaptive_in"]:
         bands = _bands(a["in_cut"], V)
-        dims = [int(a["d_in"] // a["in_factor"] ** c) for c in range(len(bands))]
-        if any(dc <= 0 for dc in dims):
-            raise FormatError(f"{where}: adaptive input band widths {dims} (decoder_input_dim "
-                              f"{a['d_in']}, factor {a['in_factor']:g}) are not all positive")
+        dims = band_widths(a["d_in"], a["in_factor"], len(bands), f"{where}: adaptive input band widths "
+                           f"(decoder_input_dim {a['d_in']}, adaptive_input_factor {a['in_factor']:g})")
         for c, ((lo, hi), dc) in enumerate(zip(bands, dims)):
             e = f"decoder.embed_tokens.embeddings.{c}."
             P.add(f"embed.adaptive.{c}.W_E", e + "0.weight", (hi - lo, dc), (hi - lo, dc))
@@ -198,6 +214,9 @@ def _plan(a: dict, sd: Weights, V: int) -> tuple[list, dict]:
         cfg_adaptive = dict(cutoffs=[hi for _, hi in bands], dims=dims, tie_weights=False, tie_proj=False)
     else:
         P.add("embed.W_E", "decoder.embed_tokens.weight", (V, d), (V, d))
+    if not a["learned_pos"] and d < 4:
+        raise FormatError(f"{where}: sinusoidal positions need decoder_embed_dim >= 4 (fairseq's formula divides "
+                          f"by d/2 - 1), got {d}")
     if a["learned_pos"]:
         key = "decoder.embed_positions.weight"
         if key not in sd:
@@ -282,9 +301,8 @@ def _plan(a: dict, sd: Weights, V: int) -> tuple[list, dict]:
                     else:                 # nn.Linear(d, d_c): [d_c, d]
                         P.add(f"unembed.adaptive.{c}.W_proj", key, (dims[c], d), (d, dims[c]), lambda x: x.T)
         else:
-            dims = [int(d // a["soft_factor"] ** c) for c in range(len(bands))]
-            if any(dc <= 0 for dc in dims):
-                raise FormatError(f"{where}: adaptive softmax band widths {dims} are not all positive")
+            dims = band_widths(d, a["soft_factor"], len(bands), f"{where}: adaptive softmax band widths "
+                               f"(decoder_embed_dim {d}, adaptive_softmax_factor {a['soft_factor']:g})")
             if cfg_adaptive is not None and cfg_adaptive["dims"] != dims:
                 raise FormatError(f"{where}: adaptive input widths {cfg_adaptive['dims']} differ from the "
                                   f"adaptive softmax widths {dims}; not supported")

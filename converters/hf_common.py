@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import numpy as np
 
-from refimpl.config import read_json_object
+from refimpl.config import MAX_SIZE, read_json_object, short
+from refimpl.files import read_json, read_text
 from refimpl.errors import FormatError, RefimplError
 
 from .canonical import Planned, write_canonical
@@ -46,17 +48,23 @@ def cfg_int(cfg: dict, key: str, default=None, *, src: str = "config.json") -> i
     v = cfg.get(key, default)
     if v is None:
         raise FormatError(f"{src}: config.json has no {key!r}")
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise FormatError(f"{src}: config.json {key!r} must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
+        raise FormatError(f"{src}: config.json {key!r} must be a positive integer up to {MAX_SIZE}, got {short(v)}")
     return v
 
 
-def cfg_float(cfg: dict, key: str, default=None, *, src: str = "config.json") -> float:
+def cfg_float(cfg: dict, key: str, default=None, *, src: str = "config.json", hi: float | None = None,
+              positive: bool = False) -> float:
+    """A finite number field of config.json, >= 0 (> 0 when `positive`) and <= `hi` when given."""
     v = cfg.get(key, default)
     if v is None:
         raise FormatError(f"{src}: config.json has no {key!r}")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise FormatError(f"{src}: config.json {key!r} must be a non-negative number, got {v!r}")
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and \
+        (v > 0 if positive else v >= 0) and (hi is None or v <= hi)
+    if not ok:
+        what = "a positive" if positive else "a non-negative"
+        raise FormatError(f"{src}: config.json {key!r} must be {what} finite number"
+                          f"{f' up to {hi:g}' if hi is not None else ''}, got {short(v)}")
     return float(v)
 
 
@@ -65,7 +73,7 @@ def cfg_bool(cfg: dict, key: str, default: bool, *, src: str = "config.json") ->
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise FormatError(f"{src}: config.json {key!r} must be true or false, got {v!r}")
+        raise FormatError(f"{src}: config.json {key!r} must be true or false, got {short(v)}")
     return v
 
 
@@ -82,14 +90,14 @@ def token_id(v, vocab: int):
 
 def _index_files(src: str, index_name: str) -> list[str]:
     path = os.path.join(src, index_name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"{path}: invalid shard index ({type(e).__name__}: {e})") from None
+    doc = read_json(path)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{path}: invalid shard index (no weight_map object)")
+    for k, v in weight_map.items():
+        if not isinstance(v, str):
+            raise FormatError(f"{path}: invalid shard index: tensor {short(k)} maps to {short(v)}, not a file name")
+    names = sorted(set(weight_map.values()))
     if not names:
         raise FormatError(f"{path}: the shard index lists no files")
     out = []
@@ -273,14 +281,8 @@ def planned(name: str, shape: tuple, dtype: str, fn):
 
 def read_tokenizer_json(path: str) -> str:
     """A tokenizer.json's text, verbatim, after checking `tokenizers` can load it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: not UTF-8 text") from None
-    from refimpl.model import tokenizer_from_text
+    from refimpl.tokenizer import tokenizer_from_text
+    text = read_text(path, "tokenizer")
     tokenizer_from_text(text, path)          # FormatError for anything tokenizers would choke on
     return text
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 
+from refimpl.config import MAX_EPS
 from refimpl.errors import FormatError
 
 from .common import bias_to_heads, linear_to_heads, out_to_heads
@@ -56,7 +57,7 @@ def _config(src: str) -> tuple[dict, dict]:
     cfg = dict(family="gpt2", d_model=d, n_layers=cfg_int(hf, "n_layer", src=src), n_heads=H, n_kv_heads=H,
                d_head=d // H, d_ff=cfg_int(hf, "n_inner", 4 * d, src=src) if hf.get("n_inner") else 4 * d,
                d_vocab=cfg_int(hf, "vocab_size", src=src), n_ctx=cfg_int(hf, "n_positions", src=src),
-               norm="layernorm", norm_eps=cfg_float(hf, "layer_norm_epsilon", 1e-5, src=src),
+               norm="layernorm", norm_eps=cfg_float(hf, "layer_norm_epsilon", 1e-5, src=src, hi=MAX_EPS),
                final_norm=True, act=ACTIVATIONS[act], gated_ffn=False, positions="learned",
                embed_scale=1.0, embedding="linear", unembedding="linear",
                tie_word_embeddings=cfg_bool(hf, "tie_word_embeddings", True, src=src),

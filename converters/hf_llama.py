@@ -14,10 +14,12 @@ is refused). BOS (`bos_token_id`, default 1) is prepended to tokenized text.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
+from refimpl.config import MAX_EPS, short
 from refimpl.errors import FormatError
 
 from .common import bias_to_heads, linear_to_heads, out_to_heads
@@ -50,8 +52,8 @@ def rope_theta(hf: dict, where: str) -> float:
             theta = p["rope_theta"]
     if theta is None:
         theta = 10000.0
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise FormatError(f"{where}: rope_theta must be a positive number, got {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise FormatError(f"{where}: rope_theta must be a positive finite number, got {short(theta)}")
     return float(theta)
 
 
@@ -82,7 +84,7 @@ def _config(src: str) -> tuple[dict, dict]:
     cfg = dict(family="llama", d_model=d, n_layers=cfg_int(hf, "num_hidden_layers", src=src), n_heads=H,
                n_kv_heads=Hk, d_head=dh, d_ff=cfg_int(hf, "intermediate_size", src=src), d_vocab=V,
                n_ctx=cfg_int(hf, "max_position_embeddings", 2048, src=src),
-               norm="rmsnorm", norm_eps=cfg_float(hf, "rms_norm_eps", 1e-6, src=src), final_norm=True,
+               norm="rmsnorm", norm_eps=cfg_float(hf, "rms_norm_eps", 1e-6, src=src, hi=MAX_EPS), final_norm=True,
                act="silu", gated_ffn=True, positions="rope", rope_theta=rope_theta(hf, where),
                embed_scale=1.0, embedding="linear", unembedding="linear",
                tie_word_embeddings=cfg_bool(hf, "tie_word_embeddings", False, src=src),

@@ -21,6 +21,7 @@ import struct
 import numpy as np
 
 from refimpl.errors import FormatError, RefimplError
+from refimpl.files import open_regular
 
 from .canonical import Planned, write_canonical
 from .common import interleaved_to_half, linear_to_heads, out_to_heads
@@ -32,7 +33,7 @@ FORMAT = "llama2c"
 def _read_header(path: str) -> tuple[dict, int, bool]:
     """(params, offset of the first weight, is_v1). Raises FormatError on a bad header."""
     name = os.path.basename(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(256)
     if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == MAGIC:
         (version,) = struct.unpack("<i", head[4:8])
@@ -100,9 +101,9 @@ def detect(src: str) -> bool:
     # a single .bin file that is not a torch file (zip or pickle) can only be llama2.c: claim it,
     # so that conversion reports what is wrong with its header instead of "unknown format"
     try:
-        with open(src, "rb") as f:
+        with open_regular(src) as f:
             magic = f.read(2)
-    except OSError:
+    except (OSError, RefimplError):
         return False
     return os.path.isfile(src) and src.endswith(".bin") and magic != b"PK" and not magic.startswith(b"\x80")
 

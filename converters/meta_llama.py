@@ -15,12 +15,13 @@ to the canonical half-split order. Storage precision (F16/BF16/F32) is kept bit 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 
 import numpy as np
 
-from refimpl.config import read_json_object
+from refimpl.config import MAX_EPS, MAX_SIZE, read_json_object, short
 from refimpl.errors import FormatError, RefimplError
 
 from .canonical import write_canonical
@@ -28,6 +29,7 @@ from .common import interleaved_to_half, linear_to_heads, out_to_heads
 from .hf_common import check_tokenizer_fits, planned, torch_state_dict
 
 FORMAT = "meta-llama"
+MAX_FFN_MULTIPLIER = 64.0            # Meta's releases use 1.3 (Llama-2 70B) .. 1.5
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 
 # Meta name (after "layers.{i}.") -> concatenation dim (None: replicated)
@@ -68,25 +70,28 @@ def read_params(d: str) -> dict:
 
     def pos_int(key, default=None):
         v = p.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise FormatError(f"{path}: {key!r} must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
+            raise FormatError(f"{path}: {key!r} must be a positive integer up to {MAX_SIZE}, got {short(v)}")
         return v
 
-    def number(key, default, positive=True):
+    def number(key, default, hi=None, lo_open=True):
         v = p.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
-            raise FormatError(f"{path}: {key!r} must be a positive number, got {v!r}")
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and \
+            (v > 0 if lo_open else v >= 0) and (hi is None or v <= hi)
+        if not ok:
+            raise FormatError(f"{path}: {key!r} must be a {'positive' if lo_open else 'non-negative'} finite "
+                              f"number{f' up to {hi:g}' if hi is not None else ''}, got {short(v)}")
         return float(v)
 
     out = dict(dim=pos_int("dim"), n_layers=pos_int("n_layers"), n_heads=pos_int("n_heads"),
-               multiple_of=pos_int("multiple_of", 256), norm_eps=number("norm_eps", 1e-5),
+               multiple_of=pos_int("multiple_of", 256), norm_eps=number("norm_eps", 1e-5, hi=MAX_EPS, lo_open=False),
                rope_theta=number("rope_theta", 10000.0))
     out["n_kv_heads"] = pos_int("n_kv_heads") if p.get("n_kv_heads") is not None else out["n_heads"]
     m = p.get("ffn_dim_multiplier")
-    out["ffn_dim_multiplier"] = None if m is None else number("ffn_dim_multiplier", None)
+    out["ffn_dim_multiplier"] = None if m is None else number("ffn_dim_multiplier", None, hi=MAX_FFN_MULTIPLIER)
     v = p.get("vocab_size", -1)
-    if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
-        raise FormatError(f"{path}: 'vocab_size' must be a positive integer or -1, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1) or v > MAX_SIZE:
+        raise FormatError(f"{path}: 'vocab_size' must be a positive integer or -1, got {short(v)}")
     out["vocab_size"] = v
     out["max_seq_len"] = pos_int("max_seq_len") if p.get("max_seq_len") is not None else None
     if p.get("use_scaled_rope"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 
+from refimpl.config import short
 from refimpl.errors import FormatError
 from refimpl.files import open_regular
 
@@ -65,7 +66,7 @@ def _load(mm, path: str, label: str):
             raise FormatError(f"{label}: storage reference has {len(pid)} fields, expected 5")
         storage_type, key, _location, numel, view = pid
         if type(key) not in (str, int) or type(numel) is not int or numel < 0:
-            raise FormatError(f"{label}: malformed storage reference {str(pid)[:80]}")
+            raise FormatError(f"{label}: malformed storage reference {short(pid, 80)}")
         dtype, npdtype = storage_dtype(label, storage_type)
         if numel * npdtype.itemsize > size:
             raise FormatError(f"{label}: storage {key!r} of {numel} x {dtype} is larger than the file ({size} bytes)")
@@ -77,7 +78,7 @@ def _load(mm, path: str, label: str):
         if view is None:
             return root
         if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int and v >= 0 for v in view[1:])):
-            raise FormatError(f"{label}: malformed storage view {str(view)[:80]}")
+            raise FormatError(f"{label}: malformed storage view {short(view, 80)}")
         _view_key, start, numel_view = view
         if start + numel_view > root.numel:
             raise FormatError(f"{label}: storage view [{start}, {start + numel_view}) exceeds storage {key!r} "

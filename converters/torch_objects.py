@@ -21,6 +21,7 @@ import pathlib
 
 import numpy as np
 
+from refimpl.config import short
 from refimpl.errors import FormatError
 from refimpl.safetensors_io import bf16_to_f32
 
@@ -143,23 +144,23 @@ def make_tensor(label: str, storage, offset, size, stride) -> LazyTensor:
         raise FormatError(f"{label}: tensor built from {type(storage).__name__}, not a storage")
     size, stride = _int_tuple(label, "size", size), _int_tuple(label, "stride", stride)
     if type(offset) is not int or offset < 0:
-        raise FormatError(f"{label}: tensor has invalid storage offset {str(offset)[:40]}")
+        raise FormatError(f"{label}: tensor has invalid storage offset {short(offset, 40)}")
     if len(size) != len(stride) or len(size) > MAX_NDIM:
         raise FormatError(f"{label}: tensor has {len(size)} sizes and {len(stride)} strides")
     numel = math.prod(size)
     extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if numel else offset
     if extent > storage.numel:
-        raise FormatError(f"{label}: tensor of shape {str(size)[:80]} (offset {offset}, stride {str(stride)[:80]}) "
+        raise FormatError(f"{label}: tensor of shape {short(size, 80)} (offset {offset}, stride {short(stride, 80)}) "
                           f"reaches element {extent} of a storage of {storage.numel} elements")
     if numel > storage.numel and numel * storage.npdtype.itemsize > MAX_EXPANDED_BYTES:
-        raise FormatError(f"{label}: broadcast tensor of shape {str(size)[:80]} would need "
+        raise FormatError(f"{label}: broadcast tensor of shape {short(size, 80)} would need "
                           f"{numel * storage.npdtype.itemsize} bytes")
     return LazyTensor(storage, offset, size, stride)
 
 
 def _int_tuple(label, what, value) -> tuple:
     if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise FormatError(f"{label}: tensor {what} {str(value)[:80]} is not a tuple of non-negative integers")
+        raise FormatError(f"{label}: tensor {what} {short(value, 80)} is not a tuple of non-negative integers")
     return tuple(value)
 
 
@@ -238,15 +239,23 @@ class Inert:
         return f"<Inert {self._type_name}: {keys}>"
 
 
+MAX_PLAIN_DEPTH = 200             # nesting of a checkpoint's configuration objects
+MAX_PLAIN_NODES = 1 << 20         # distinct containers in it
+
+
 def to_plain(x):
-    """Recursively replace Inert objects (Namespace, DictConfig, ListConfig, enums, paths) by plain data."""
+    """Recursively replace Inert objects (Namespace, DictConfig, ListConfig, enums, paths) by plain data.
+
+    Linear in the pickle: a shared object is converted once (memoised by identity) and the
+    result is shared too, so `x = [x, x]` forty levels deep costs forty steps, not 2^40.
+    Depth and the number of distinct containers are capped; a cycle is refused."""
     try:
-        return _plain(x, set())
+        return _plain(x, {}, set(), 0)
     except RecursionError:
         raise FormatError("checkpoint object is nested too deeply to convert to plain data") from None
 
 
-def _plain(x, active: set):
+def _plain(x, memo: dict, active: set, depth: int):
     if isinstance(x, type) and issubclass(x, Inert):
         return x._type_name
     if isinstance(x, PickledArray):
@@ -255,33 +264,48 @@ def _plain(x, active: set):
         return x.dtype
     if not isinstance(x, (Inert, dict, list, tuple, set, frozenset)):
         return x
-    if id(x) in active:
+    key = id(x)
+    if key in memo:
+        return memo[key][1]
+    if key in active:
         raise FormatError("checkpoint object graph is cyclic; cannot convert it to plain data")
-    active.add(id(x))
+    if depth > MAX_PLAIN_DEPTH:
+        raise FormatError(f"checkpoint object is nested more than {MAX_PLAIN_DEPTH} levels deep; refused")
+    if len(memo) >= MAX_PLAIN_NODES:
+        raise FormatError(f"checkpoint object has more than {MAX_PLAIN_NODES} containers; refused")
+    active.add(key)
     try:
-        if isinstance(x, dict):
-            return {k: _plain(v, active) for k, v in x.items()}
-        if isinstance(x, list):
-            return [_plain(v, active) for v in x]
-        if isinstance(x, (tuple, set, frozenset)):
-            return type(x)(_plain(v, active) for v in x)
-        attrs, args = x._attrs, x._args
-        if x._type_name.startswith("pathlib.") and all(isinstance(a, str) for a in args):
-            pure = pathlib.PureWindowsPath if "Windows" in x._type_name else pathlib.PurePosixPath
-            return str(pure(*args))
-        if "_content" in attrs:             # omegaconf DictConfig / ListConfig
-            return _plain(attrs["_content"], active)
-        if "_val" in attrs:                 # omegaconf value node
-            return _plain(attrs["_val"], active)
-        if attrs:                           # Namespace, dataclass-like objects
-            return {k: _plain(v, active) for k, v in attrs.items() if k != "_parent"}
-        if x._state is not None:
-            return _plain(x._state, active)
-        if len(args) == 1:                  # enum member: its value
-            return _plain(args[0], active)
-        return [_plain(a, active) for a in args] if args else x._type_name
+        out = _plain_one(x, memo, active, depth + 1)
     finally:
-        active.discard(id(x))
+        active.discard(key)
+    memo[key] = (x, out)              # x kept alive so its id cannot be reused during the walk
+    return out
+
+
+def _plain_one(x, memo, active, depth):
+    def rec(v):
+        return _plain(v, memo, active, depth)
+    if isinstance(x, dict):
+        return {k: rec(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rec(v) for v in x]
+    if isinstance(x, (tuple, set, frozenset)):
+        return type(x)(rec(v) for v in x)
+    attrs, args = x._attrs, x._args
+    if x._type_name.startswith("pathlib.") and all(isinstance(a, str) for a in args):
+        pure = pathlib.PureWindowsPath if "Windows" in x._type_name else pathlib.PurePosixPath
+        return str(pure(*args))
+    if "_content" in attrs:             # omegaconf DictConfig / ListConfig
+        return rec(attrs["_content"])
+    if "_val" in attrs:                 # omegaconf value node
+        return rec(attrs["_val"])
+    if attrs:                           # Namespace, dataclass-like objects
+        return {k: rec(v) for k, v in attrs.items() if k != "_parent"}
+    if x._state is not None:
+        return rec(x._state)
+    if len(args) == 1:                  # enum member: its value
+        return rec(args[0])
+    return [rec(a) for a in args] if args else x._type_name
 
 
 # --------------------------------------------------------------------------- descriptors, numpy stand-ins

@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from refimpl.config import short
 from refimpl.errors import FormatError
 
 from .torch_objects import (MAX_NDIM, DTypeStub, Frozen, Inert, LazyTensor, PickledArray, StorageType,
@@ -223,7 +224,7 @@ class SafeUnpickler(pickle.Unpickler):
         if self.storage_loader is None:
             raise FormatError(f"{self.label}: unexpected tensor storage reference in a metadata pickle")
         if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
-            raise FormatError(f"{self.label}: unsupported persistent id {str(pid)[:80]!r} "
+            raise FormatError(f"{self.label}: unsupported persistent id {short(pid, 80)} "
                               "(only tensor storages are supported; whole-module pickles are not)")
         return self.storage_loader(pid[1:])
 
@@ -235,7 +236,7 @@ class SafeUnpickler(pickle.Unpickler):
         if type(requires_grad) is not bool:
             raise FormatError(f"{self.label}: tensor requires_grad is {type(requires_grad).__name__}, not bool")
         if metadata and (not isinstance(metadata, dict) or any(metadata.get(k) for k in ("neg", "conj"))):
-            raise FormatError(f"{self.label}: unsupported tensor metadata {str(metadata)[:80]}")
+            raise FormatError(f"{self.label}: unsupported tensor metadata {short(metadata, 80)}")
         return make_tensor(self.label, storage, storage_offset, size, stride)
 
     def _rebuild_parameter(self, data, requires_grad, backward_hooks, state=None):

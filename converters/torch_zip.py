@@ -14,6 +14,7 @@ import re
 import struct
 import zipfile
 
+from refimpl.config import short
 from refimpl.errors import FormatError
 from refimpl.files import open_regular
 
@@ -180,7 +181,7 @@ def load_zip(path: str, label: str):
                 raise FormatError(f"{label}: storage reference has {len(pid)} fields, expected 4")
             storage_type, key, _location, numel = pid
             if type(key) is not str or type(numel) is not int or numel < 0:
-                raise FormatError(f"{label}: malformed storage reference {str(pid)[:80]}")
+                raise FormatError(f"{label}: malformed storage reference {short(pid, 80)}")
             dtype, npdtype = storage_dtype(label, storage_type, byteorder)
             if key in storages:
                 s = storages[key]

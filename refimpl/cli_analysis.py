@@ -21,6 +21,7 @@ def cmd_locate(p, args=None):
                        help="per-layer helpful/unhelpful counts (auto: on small models, after "
                             "`refimpl prepare`, and with --exhaustive)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
+        p.add_argument("--force", action="store_true", help="with --plots: replace figures already in DIR")
         return
     from .locate import format_report, locate
     model = open_model(args)
@@ -29,14 +30,17 @@ def cmd_locate(p, args=None):
     src = parse_ids(args.ids) if args.ids is not None else args.prompt
     if src is None:
         raise RefimplError("no prompt given (PROMPT or --ids)")
+    if args.force and not args.plots:
+        raise RefimplError("--force only applies to --plots (it replaces existing figures)")
     if args.plots:
-        from .plots import require_matplotlib
+        from .plots import check_outdir, require_matplotlib
         require_matplotlib()
+        check_outdir(args.plots, args.force)
     r = locate(model, src, target=args.target, target_id=args.target_id, position=args.position, top=args.top,
                readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts])
     if args.plots:
         from .plots import write_figures
-        r["figures"] = write_figures(model, src, r, args.plots)
+        r["figures"] = write_figures(model, src, r, args.plots, force=args.force)
     emit(args, r, format_report(r))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
@@ -71,7 +72,8 @@ def common(p, target=True):
 def prepare(args):
     """(model, trace, t, w, readout) from the common options."""
     from .forward import run
-    from .locate import resolve_position, resolve_target
+    from .files import printable
+    from .locate import prompt_warnings, resolve_position, resolve_target
     model = open_model(args)
     if args.ids is not None and args.prompt is not None:
         raise RefimplError("give either PROMPT or --ids, not both")
@@ -79,7 +81,11 @@ def prepare(args):
         raise RefimplError("no prompt given (PROMPT or --ids)")
     trace = run(model, parse_ids(args.ids) if args.ids is not None else args.prompt)
     t = resolve_position(trace, args.position)
-    w = resolve_target(model, trace.log_probs[t], getattr(args, "target", None), getattr(args, "target_id", None))
+    notes = prompt_warnings(model, args.prompt if args.ids is None else None)
+    w = resolve_target(model, trace.log_probs[t], getattr(args, "target", None), getattr(args, "target_id", None),
+                       notes=notes)
+    for line in notes:                       # unknown prompt words, target notes: visible on stderr
+        print(printable(line), file=sys.stderr)
     return model, trace, t, w, trace.readout(t, args.readout)
 
 

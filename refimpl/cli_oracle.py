@@ -14,12 +14,15 @@ def cmd_dump(p, args=None):
         p.add_argument("--out", required=True, help="output .safetensors file")
         p.add_argument("--no-subvalue-scores", action="store_true",
                        help="skip scoring every subvalue (the expensive part on large models)")
+        p.add_argument("--force", action="store_true", help="replace an existing --out file")
         return
     from .dump import write_dump
     if os.path.isdir(args.out):
         raise RefimplError(f"{args.out}: is a directory; --out names the .safetensors file to write")
+    if os.path.lexists(args.out) and not args.force:
+        raise RefimplError(f"{args.out}: already exists (use --force to replace it)")
     model, trace, t, w, _ = prepare(args)
-    write_dump(args.out, trace, t, w, args.readout, not args.no_subvalue_scores)
+    write_dump(args.out, trace, t, w, args.readout, not args.no_subvalue_scores, force=args.force)
     print(f"wrote {args.out}: {len(trace.ids)} tokens, {model.cfg.n_layers} layers, {model.dtype}, "
           f"position {t}, target {model.token_str(w)!r}")
 
@@ -33,12 +36,19 @@ def cmd_compare(p, args=None):
         p.add_argument("--atol", type=float, default=1e-12)
         return
     from .dump import compare_files
+    for name, v in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if not (v >= 0 and v != float("inf")):
+            raise RefimplError(f"{name} must be a finite non-negative number, got {v}")
     for f in (args.a, args.b):
         if not os.path.isfile(f):
             raise RefimplError(f"{f}: no such file")
     rows, only = compare_files(args.a, args.b, args.rtol, args.atol)
     if not rows:
         raise RefimplError("the two files share no tensor names")
+    from .files import printable                  # tensor names come from the files: never raw to the terminal
+    for r in rows:
+        r["name"] = printable(r["name"])
+    only = {k: [printable(n) for n in names] for k, names in only.items()}
     width = max(len(r["name"]) for r in rows)
     print(f"{'tensor':<{width}}  {'max abs':>10}  {'max rel':>10}  status")
     failed = 0

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import FormatError
@@ -137,6 +138,100 @@ class Config:
         extra = d.pop("extra")
         d.update(extra)
         return d
+
+
+def resolve_name(cfg: Config, name: str) -> tuple[str, bool]:
+    """Map a canonical tensor name to (stored name, transpose?) following the ties of docs/format.md."""
+    if name == "unembed.W_U" and cfg.tie_word_embeddings:
+        return "embed.W_E", True
+    if name.startswith("unembed.adaptive.") and cfg.adaptive:
+        parts = name.split(".")
+        if len(parts) == 4 and parts[2] != "head":
+            band, what = parts[2], parts[3]
+            if what == "W_U" and cfg.adaptive.get("tie_weights"):
+                return f"embed.adaptive.{band}.W_E", True
+            if what == "W_proj" and band != "0" and cfg.adaptive.get("tie_proj"):
+                return f"embed.adaptive.{band}.W_proj", True
+    return name, False
+
+
+def check_tensors(cfg: Config, shapes: dict, where: str) -> None:
+    """The stored tensors {name: shape} are exactly what `cfg` describes (docs/format.md):
+    every tensor the forward pass and the readout read is there with the implied shape (layer
+    by layer, so an absurd n_layers fails at the first gap), and every stored tensor is one
+    the config explains: a tensor it does not (a layer beyond n_layers, a bias the flags say
+    is absent, an RMSNorm bias, a tied tensor stored twice) is an error, never ignored."""
+    c = cfg
+    H, Hk, d, dh, F, V = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff, c.d_vocab
+    ln = c.norm == "layernorm"
+    explained: set[str] = set()
+
+    def check(want: dict, optional: dict = {}, layer: int | None = None) -> None:
+        for name, shape in {**optional, **want}.items():      # want wins over optional
+            src, transpose = resolve_name(c, name)
+            explained.add(src)
+            if src not in shapes:
+                if name not in want:
+                    continue
+                why = (" (config.json has gated_ffn=true)" if name.endswith("mlp.W_gate") else
+                       " (config.json has attn_bias=true)" if ".attn.b_" in name else
+                       " (config.json has mlp_bias=true)" if ".mlp.b_" in name else
+                       f" (config.json has n_layers={c.n_layers})" if layer is not None and layer > 0 else "")
+                raise FormatError(f"{where}: tensor {src!r} is missing{why}")
+            got = tuple(shapes[src])[::-1] if transpose else tuple(shapes[src])
+            if got != shape:
+                raise FormatError(f"{where}: tensor {src!r} has shape {list(got)}, but config.json "
+                                  f"implies {list(shape)}")
+
+    want, opt = {}, {}
+    if ln and c.final_norm:
+        opt["ln_final.b"] = (d,)
+    if c.embedding == "linear":
+        want["embed.W_E"] = (V, d)
+    if c.positions == "learned":
+        want["pos_embed.W_pos"] = (c.n_ctx, d)
+    if c.unembedding == "linear":
+        want["unembed.W_U"] = (d, V)
+        opt["unembed.b_U"] = (V,)
+    if c.final_norm:
+        want["ln_final.w"] = (d,)
+    if "adaptive" in (c.embedding, c.unembedding):
+        dims, bands = c.adaptive["dims"], c.bands
+        for k, (lo, hi) in enumerate(bands):
+            if c.embedding == "adaptive":
+                want[f"embed.adaptive.{k}.W_E"] = (hi - lo, dims[k])
+                want[f"embed.adaptive.{k}.W_proj"] = (dims[k], d)
+            if c.unembedding == "adaptive":
+                want[f"unembed.adaptive.{k}.W_U"] = (dims[k], hi - lo)
+                proj = f"unembed.adaptive.{k}.W_proj"
+                if dims[k] != d:
+                    want[proj] = (d, dims[k])
+                else:
+                    opt[proj] = (d, dims[k])
+        if c.unembedding == "adaptive":
+            want["unembed.adaptive.head.W_cls"] = (d, len(bands) - 1)
+    check(want, opt)
+    for i in range(c.n_layers):
+        p = f"blocks.{i}."
+        want = {p + "ln1.w": (d,), p + "ln2.w": (d,), p + "attn.W_Q": (H, d, dh),
+                p + "attn.W_K": (Hk, d, dh), p + "attn.W_V": (Hk, d, dh),
+                p + "attn.W_O": (H, dh, d), p + "mlp.W_in": (d, F), p + "mlp.W_out": (F, d)}
+        opt = {p + "ln1.b": (d,), p + "ln2.b": (d,)} if ln else {}
+        if c.gated_ffn:
+            want[p + "mlp.W_gate"] = (d, F)
+        if c.attn_bias:
+            want.update({p + "attn.b_Q": (H, dh), p + "attn.b_K": (Hk, dh), p + "attn.b_V": (Hk, dh),
+                         p + "attn.b_O": (d,)})
+        if c.mlp_bias:
+            want.update({p + "mlp.b_in": (F,), p + "mlp.b_out": (d,)})
+        check(want, opt, i)
+    extra = sorted(set(shapes) - explained)
+    if extra:
+        m = re.match(r"blocks\.(\d+)\.", extra[0])
+        why = (f"config.json has n_layers={c.n_layers}, but the weights hold layer {m.group(1)}"
+               if m and int(m.group(1)) >= c.n_layers else "config.json does not explain it")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise FormatError(f"{where}: tensor {short(extra[0])}{more} is not used by this model: {why}")
 
 
 def short(v, n: int = 60) -> str:

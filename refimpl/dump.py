@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from . import __version__, nn
 from .errors import RefimplError
+from .files import write_new_file
 from .safetensors_io import read_header, spec_of, write_safetensors
 from .significance import attn_subvalue_significance, ffn_subvalue_significance, layer_significance
 
@@ -70,8 +70,11 @@ def dump_tensors(trace, t: int, w: int, readout: str = "frozen", subvalue_scores
     return out
 
 
-def write_dump(path: str, trace, t: int, w: int, readout: str = "frozen", subvalue_scores: bool = True) -> None:
-    """Write the dump atomically (temporary file in the same folder, renamed at the end)."""
+def write_dump(path: str, trace, t: int, w: int, readout: str = "frozen", subvalue_scores: bool = True,
+               force: bool = False) -> None:
+    """Write the dump atomically (refimpl.files.write_new_file: a temporary file in the same
+    folder, then a no-clobber link; never through a symbolic link; an existing file only
+    with `force`)."""
     tensors = dump_tensors(trace, t, w, readout, subvalue_scores)
     tensors = {k: np.ascontiguousarray(v, dtype=trace.model.dtype) for k, v in tensors.items()}
     meta = {"model": os.path.abspath(trace.model.path), "family": trace.model.cfg.family,
@@ -80,15 +83,9 @@ def write_dump(path: str, trace, t: int, w: int, readout: str = "frozen", subval
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise RefimplError(f"{path}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        names = sorted(tensors)
-        write_safetensors(tmp, [spec_of(n, tensors[n]) for n in names], ((n, tensors[n]) for n in names), meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    names = sorted(tensors)
+    write_new_file(path, lambda f: write_safetensors(f, [spec_of(n, tensors[n]) for n in names],
+                                                     ((n, tensors[n]) for n in names), meta), force=force)
 
 
 def compare_files(a: str, b: str, rtol: float = 1e-10, atol: float = 1e-12) -> tuple[list[dict], dict]:

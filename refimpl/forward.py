@@ -47,8 +47,7 @@ def embed_positions(model: Model, ids: np.ndarray) -> np.ndarray | None:
     if cfg.positions == "sinusoidal":
         pad = cfg.padding_idx if cfg.padding_idx is not None else -1
         pos = nn.fairseq_positions(ids, pad) if cfg.padding_idx is not None else np.arange(T)
-        table = nn.sinusoidal_table(int(pos.max()) + 1, cfg.d_model, cfg.padding_idx)
-        return table[pos].astype(model.dtype)                                 # [T, d]
+        return nn.sinusoidal_rows(pos, cfg.d_model, cfg.padding_idx).astype(model.dtype)   # [T, d] only the rows used
     return None
 
 
@@ -104,6 +103,11 @@ def ffn(model: Model, W: dict, x: np.ndarray):
 def forward(model: Model, ids) -> Trace:
     """Run the model on token ids and keep every residual-stream vector."""
     cfg = model.cfg
+    if not isinstance(ids, np.ndarray):          # Python ints: range-checked before any int64 conversion
+        ids = list(ids)
+        bad = next((i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < cfg.d_vocab)), None)
+        if bad is not None:
+            raise RefimplError(f"token id {bad} out of range (vocabulary has {cfg.d_vocab} tokens)")
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 1 or len(ids) == 0:
         raise RefimplError("need a non-empty 1-D sequence of token ids")

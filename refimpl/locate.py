@@ -25,24 +25,84 @@ N_TOP_TOKENS = 10
 AUTO_COUNTS_COST = 1e11     # embedded model 2.7e8, stories260K 2.8e7; GPT2-medium 5e12 (opt in with --counts yes)
 
 
-def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, target_id: int | None = None) -> int:
-    """The target token id: --target-id, a single-token --target, or the top-1 prediction."""
+def single_token(model, text: str) -> int | None:
+    """The id of `text` as one vocabulary token, or None. Text is encoded as the tokenizer
+    encodes a prompt (like TransformerLens's `to_single_token`; the unknown token does not
+    count unless `text` is literally it); if that is not one token, `text` is looked up as a
+    raw vocabulary piece (e.g. "ĠParis", "▁Paris")."""
+    enc = model._tok("encode the target", lambda t: t.encode(text, add_special_tokens=False))
+    if len(enc.ids) == 1 and (enc.ids[0] != model.unk_id or text == enc.tokens[0]):
+        return int(enc.ids[0])
+    tid = model._tok("look up the target", lambda t: t.token_to_id(text))
+    return None if tid is None or not 0 <= int(tid) < model.cfg.d_vocab else int(tid)
+
+
+def _forms(text: str) -> list[str]:
+    """Nearby spellings of a target: with and without a leading space, lower/capitalised."""
+    core = text.strip()
+    out = []
+    for w in (core, core.lower(), core.capitalize(), core.upper()):
+        for f in (w, " " + w):
+            if f and f != text and f not in out:
+                out.append(f)
+    return out
+
+
+def _show(model, i: int) -> str:
+    return f"{model.token_str(i)!r} (id {i})"
+
+
+def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, target_id: int | None = None,
+                   notes: list | None = None) -> int:
+    """The target token id: --target-id, a --target that is one vocabulary token, or the top-1
+    prediction. A target that is not one token is an error showing how it tokenizes and the
+    nearest single-token forms; when the same word with (or without) a leading space is a
+    different token, a one-line note saying so is appended to `notes`."""
     if target_id is not None:
         if not 0 <= int(target_id) < model.cfg.d_vocab:
             raise RefimplError(f"target id {target_id} out of range (vocabulary has {model.cfg.d_vocab} tokens)")
         return int(target_id)
-    if target is not None:
-        if target == "":
-            raise RefimplError("empty target")
-        tid = model._tok("look up the target", lambda t: t.token_to_id(target))
-        if tid is not None:
-            return int(tid)
+    if target is None:
+        return int(np.argmax(log_probs_t))
+    if target == "":
+        raise RefimplError("empty target")
+    tid = single_token(model, target)
+    if tid is None:
         enc = model._tok("encode the target", lambda t: t.encode(target, add_special_tokens=False))
-        if len(enc.ids) != 1:
-            pieces = " ".join(f"{t!r}({i})" for t, i in zip(enc.tokens, enc.ids))
-            raise RefimplError(f"target {target!r} is not a single token: it tokenizes as {pieces or 'nothing'}")
-        return int(enc.ids[0])
-    return int(np.argmax(log_probs_t))
+        near = []
+        for f in _forms(target):
+            i = single_token(model, f)
+            if i is not None and i not in [j for _, j in near]:
+                near.append((f, i))
+        hint = ("; single-token forms nearby: " + ", ".join(f"{f!r} (id {i})" for f, i in near[:4])
+                if near else "; no single-token form of it nearby (give --target-id)")
+        if enc.ids and all(i == model.unk_id for i in enc.ids):
+            raise RefimplError(f"target {target!r} is not in the vocabulary: it tokenizes as the unknown token "
+                               f"{_show(model, enc.ids[0])}{hint}")
+        pieces = " ".join(f"{t!r}({i})" + ("[unknown]" if i == model.unk_id else "")
+                          for t, i in zip(enc.tokens, enc.ids))
+        raise RefimplError(f"target {target!r} is not a single token: it tokenizes as {pieces or 'nothing'}{hint}")
+    if notes is not None:
+        alt = target.lstrip(" ") if target.startswith(" ") else " " + target
+        j = single_token(model, alt)
+        if j is not None and j != tid:
+            notes.append(f"note: target {target!r} is token {_show(model, tid)}; {alt!r} "
+                         f"({'without' if target.startswith(' ') else 'with'} the leading space) is a different "
+                         f"token, {_show(model, j)}")
+        piece = model._tok("look up the target", lambda t: t.token_to_id(target))
+        if piece is not None and int(piece) != tid and 0 <= int(piece) < model.cfg.d_vocab and j != int(piece):
+            notes.append(f"note: target {target!r} as text is token {_show(model, tid)}; the vocabulary piece "
+                         f"{target!r} itself is a different token, id {int(piece)} (give --target-id to use it)")
+    return tid
+
+
+def prompt_warnings(model, prompt) -> list[str]:
+    """One line per prompt word the tokenizer turned into its unknown token (text prompts only)."""
+    if not isinstance(prompt, str):
+        return []
+    unk = model.unk_id
+    return [f"warning: prompt word {word!r} is not in the vocabulary: it became the unknown token "
+            f"{_show(model, unk)} at position {pos}" for pos, word in model.unknown_words(prompt)]
 
 
 def resolve_position(trace, position: int | None) -> int:
@@ -66,7 +126,8 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     t0 = time.perf_counter()
     trace = run(model, prompt_or_ids)
     t = resolve_position(trace, position)
-    w = resolve_target(model, trace.log_probs[t], target, target_id)
+    warnings_ = prompt_warnings(model, prompt_or_ids)
+    w = resolve_target(model, trace.log_probs[t], target, target_id, notes=warnings_)
     R = trace.readout(t, readout)
     lp = trace.log_probs[t]
     result = {
@@ -76,6 +137,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         "prediction": {"id": int(np.argmax(lp)), "token": model.token_str(int(np.argmax(lp))),
                        "prob": float(np.exp(lp.max()))},
         "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
+        "warnings": warnings_,      # unknown prompt words, target notes: one line each (also in the report)
         "layers": layer_significance(trace, w, t, R),
     }
     # attention subvalues by source position, heads summed, over all layers: exact top-K
@@ -142,6 +204,7 @@ def activation_report(trace, i: int, k: int, t: int, R) -> list[dict]:
 def format_report(r: dict) -> str:
     tgt, lines = r["target"], []
     lines.append("prompt tokens: " + " ".join(f"[{i}]{tok!r}" for i, tok in zip(r["ids"], r["tokens"])))
+    lines += list(r.get("warnings", []))
     lines.append(f"analysed position: {r['position']} ({r['tokens'][r['position']]!r}); readout: {r['readout']}; "
                  f"dtype {r['dtype']}")
     lines.append(f"prediction: {r['prediction']['token']!r} p={r['prediction']['prob']:.4f}")

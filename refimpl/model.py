@@ -8,14 +8,14 @@ model do not re-convert, while a model larger than RAM streams layer by layer.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
 from collections import OrderedDict
 
 import numpy as np
 
-from .config import Config, read_config, short
+from .config import Config, check_tensors, read_config, resolve_name, short
 from .errors import FormatError, RefimplError
 from .files import read_json
 from .safetensors_io import NUMPY_TO_ST, StoredTensor, read_header
@@ -105,17 +105,7 @@ class Model:
     # -- tensors -------------------------------------------------------------------
     def _resolve(self, name: str) -> tuple[str, bool]:
         """Map a canonical name to (stored name, transpose?) following the ties of docs/format.md."""
-        cfg = self.cfg
-        if name == "unembed.W_U" and cfg.tie_word_embeddings:
-            return "embed.W_E", True
-        if name.startswith("unembed.adaptive.") and cfg.adaptive:
-            _, _, band, what = name.split(".")
-            if band != "head":
-                if what == "W_U" and cfg.adaptive.get("tie_weights"):
-                    return f"embed.adaptive.{band}.W_E", True
-                if what == "W_proj" and band != "0" and cfg.adaptive.get("tie_proj"):
-                    return f"embed.adaptive.{band}.W_proj", True
-        return name, False
+        return resolve_name(self.cfg, name)
 
     def has(self, name: str) -> bool:
         return self._resolve(name)[0] in self.tensors
@@ -212,73 +202,9 @@ class Model:
         return self._n_elements * self.dtype.itemsize <= self.cache_bytes
 
     def _check_tensors(self) -> None:
-        """Every tensor the forward pass reads exists (or is optional) with the shape the config implies."""
-        c = self.cfg
-        H, Hk, d, dh, F, V = c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff, c.d_vocab
-
-        explained: set[str] = set()
-
-        def check(want: dict, optional: dict = {}, layer: int | None = None) -> None:
-            for name, shape in {**optional, **want}.items():      # want wins over optional
-                src, transpose = self._resolve(name)
-                explained.add(src)
-                if src not in self.tensors:
-                    if name not in want:
-                        continue
-                    why = (" (config.json has gated_ffn=true)" if name.endswith("mlp.W_gate") else
-                           f" (config.json has n_layers={c.n_layers})" if layer is not None and layer > 0 else "")
-                    raise FormatError(f"{self.path}: tensor {src!r} is missing{why}")
-                got = self.tensors[src].shape[::-1] if transpose else self.tensors[src].shape
-                if tuple(got) != shape:
-                    raise FormatError(f"{self.path}: tensor {src!r} has shape {list(got)}, but config.json "
-                                      f"implies {list(shape)}")
-
-        want, opt = {}, {"ln_final.b": (d,), "unembed.b_U": (V,)}
-        if c.embedding == "linear":
-            want["embed.W_E"] = (V, d)
-        if c.positions == "learned":
-            want["pos_embed.W_pos"] = (c.n_ctx, d)
-        if c.unembedding == "linear":
-            want["unembed.W_U"] = (d, V)
-        if c.final_norm:
-            want["ln_final.w"] = (d,)
-        if "adaptive" in (c.embedding, c.unembedding):
-            dims, bands = c.adaptive["dims"], c.bands
-            for k, (lo, hi) in enumerate(bands):
-                if c.embedding == "adaptive":
-                    want[f"embed.adaptive.{k}.W_E"] = (hi - lo, dims[k])
-                    want[f"embed.adaptive.{k}.W_proj"] = (dims[k], d)
-                if c.unembedding == "adaptive":
-                    want[f"unembed.adaptive.{k}.W_U"] = (dims[k], hi - lo)
-                    proj = f"unembed.adaptive.{k}.W_proj"
-                    if dims[k] != d:
-                        want[proj] = (d, dims[k])
-                    else:
-                        opt[proj] = (d, dims[k])
-            if c.unembedding == "adaptive":
-                want["unembed.adaptive.head.W_cls"] = (d, len(bands) - 1)
-        check(want, opt)
-        for i in range(c.n_layers):          # layer by layer: an absurd n_layers fails at the first gap
-            p = f"blocks.{i}."
-            want = {p + "ln1.w": (d,), p + "ln2.w": (d,), p + "attn.W_Q": (H, d, dh),
-                    p + "attn.W_K": (Hk, d, dh), p + "attn.W_V": (Hk, d, dh),
-                    p + "attn.W_O": (H, dh, d), p + "mlp.W_in": (d, F), p + "mlp.W_out": (F, d)}
-            opt = {p + "ln1.b": (d,), p + "ln2.b": (d,), p + "attn.b_O": (d,), p + "mlp.b_in": (F,),
-                   p + "mlp.b_out": (d,), p + "mlp.W_gate": (d, F)}
-            qkv = {p + "attn.b_Q": (H, dh), p + "attn.b_K": (Hk, dh), p + "attn.b_V": (Hk, dh)}
-            if c.gated_ffn:
-                want[p + "mlp.W_gate"] = (d, F)
-            if any(n in self.tensors for n in qkv):      # the forward pass adds all three or none
-                want.update(qkv)
-            check(want, opt, i)
-        extra = sorted(set(self.tensors) - explained)
-        if extra:                # a tensor the config does not explain: never silently ignored
-            m = re.match(r"blocks\.(\d+)\.", extra[0])
-            why = (f"config.json has n_layers={c.n_layers}, but the weights hold layer {m.group(1)}"
-                   if m and int(m.group(1)) >= c.n_layers else "config.json does not explain it")
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise FormatError(f"{self.path}: tensor {short(extra[0])}{more} is not used by this architecture: "
-                              f"{why}")
+        """Every tensor the forward pass reads exists with the shape the config implies, and every
+        stored tensor is one the config explains (refimpl.config.check_tensors)."""
+        check_tensors(self.cfg, {n: t.shape for n, t in self.tensors.items()}, self.path)
 
     # -- tokenizer -------------------------------------------------------------------
     @property
@@ -298,6 +224,33 @@ class Model:
             raise
         except BaseException as e:      # tokenizers: plain Exception, pyo3 PanicException (a BaseException)
             raise FormatError(f"{os.path.join(self.path, 'tokenizer.json')}: cannot {what} ({_first_line(e)})") from None
+
+    @property
+    def unk_id(self) -> int | None:
+        """Id of the tokenizer's unknown token (what out-of-vocabulary text becomes), or None."""
+        if not hasattr(self, "_unk_id"):
+            def find(tok):
+                m = json.loads(tok.to_str()).get("model") or {}
+                if m.get("type") == "Unigram" and isinstance(m.get("unk_id"), int):
+                    return m["unk_id"]
+                return tok.token_to_id(m["unk_token"]) if isinstance(m.get("unk_token"), str) else None
+            unk = self._tok("read the unknown token", find)
+            if unk is None:
+                unk = self.cfg.special_tokens.get("unk")
+            self._unk_id = unk if isinstance(unk, int) and 0 <= unk < self.cfg.d_vocab else None
+        return self._unk_id
+
+    def unknown_words(self, text: str) -> list[tuple[int, str]]:
+        """(position in the encoded ids, the prompt's text) of every piece of `text` that the
+        tokenizer turned into its unknown token (the literal unknown-token text excepted)."""
+        unk = self.unk_id
+        if unk is None or not isinstance(text, str) or not text.strip():
+            return []
+        enc = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False))
+        unk_piece = self.token_str(unk)
+        pre = len(self.cfg.prepend_ids)
+        return [(pre + k, text[a:b]) for k, (i, (a, b)) in enumerate(zip(enc.ids, enc.offsets))
+                if i == unk and text[a:b] not in (unk_piece, self._tok("look up", lambda t: t.id_to_token(unk)))]
 
     def encode(self, text: str) -> list[int]:
         """Tokenize text and put the family's start ids in front (DESIGN.md section 3)."""

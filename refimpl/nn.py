@@ -112,21 +112,31 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
-def sinusoidal_table(n: int, dim: int, padding_idx: int | None) -> np.ndarray:
-    """fairseq's SinusoidalPositionalEmbedding table [n, dim] in float64.
+def sinusoidal_rows(positions: np.ndarray, dim: int, padding_idx: int | None) -> np.ndarray:
+    """Rows `positions` [T] of fairseq's SinusoidalPositionalEmbedding table, [T, dim] in float64.
 
-    Frequencies exp(-i * log(10000) / (half - 1)), sines then cosines concatenated
-    (not interleaved), a zero column for odd dim, and a zero row at padding_idx.
+    Only the rows asked for are computed (the memory is sized by the prompt, never by a
+    position or padding_idx a config claims). Frequencies exp(-i * log(10000) / (half - 1)),
+    sines then cosines concatenated (not interleaved), a zero column for odd dim, and zero
+    rows at padding_idx. Needs dim >= 4 (fairseq's formula divides by half - 1).
     """
     half = dim // 2
+    if half < 2:
+        raise ValueError(f"sinusoidal positions need a width of at least 4, got {dim}")
+    pos = np.asarray(positions, dtype=np.int64)
     freq = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000) / (half - 1)))   # [half]
-    ang = np.arange(n, dtype=np.float64)[:, None] * freq[None, :]                          # [n, half]
-    emb = np.concatenate([np.sin(ang), np.cos(ang)], axis=1)                               # [n, 2*half]
+    ang = pos.astype(np.float64)[:, None] * freq[None, :]                                  # [T, half]
+    emb = np.concatenate([np.sin(ang), np.cos(ang)], axis=1)                               # [T, 2*half]
     if dim % 2:
-        emb = np.concatenate([emb, np.zeros((n, 1))], axis=1)
+        emb = np.concatenate([emb, np.zeros((len(pos), 1))], axis=1)
     if padding_idx is not None:
-        emb[padding_idx] = 0
+        emb[pos == padding_idx] = 0
     return emb
+
+
+def sinusoidal_table(n: int, dim: int, padding_idx: int | None) -> np.ndarray:
+    """fairseq's whole SinusoidalPositionalEmbedding table [n, dim] in float64 (rows 0..n-1)."""
+    return sinusoidal_rows(np.arange(n), dim, padding_idx)
 
 
 def fairseq_positions(ids: np.ndarray, padding_idx: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .compare import bs_difference_changes, bs_trajectory
 from .errors import RefimplError
+from .files import write_new_file
 from .forward import run
 from .significance import additivity, f_curves
 from .subkeys import preactivation
@@ -253,12 +254,27 @@ def figure_data(model, src, r) -> dict:
     return data
 
 
-def write_figures(model, src, r, outdir) -> dict[str, str]:
-    """Write the figures for locate result r into outdir; store their data in r["figure_data"].
-    Returns {figure name: PNG path}."""
-    plt = require_matplotlib()
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
+def figure_paths(outdir) -> dict[str, str]:
+    return {name: os.path.join(outdir, f"{name}.png") for name in DRAW}
+
+
+def check_outdir(outdir, force: bool = False) -> None:
+    """Refuse before any work: DIR is not a folder, or (without force) a figure exists there."""
+    if os.path.lexists(outdir) and not os.path.isdir(outdir):
         raise RefimplError(f"--plots: {outdir} exists and is not a directory")
+    if not force:
+        there = [p for p in figure_paths(outdir).values() if os.path.lexists(p)]
+        if there:
+            raise RefimplError(f"--plots: {there[0]} already exists{f' (and {len(there) - 1} more)' if len(there) > 1 else ''}"
+                               f"; use --force to replace the figures")
+
+
+def write_figures(model, src, r, outdir, force: bool = False) -> dict[str, str]:
+    """Write the figures for locate result r into outdir; store their data in r["figure_data"].
+    Returns {figure name: PNG path}. Each PNG is written atomically, never through a symbolic
+    link, and an existing one is replaced only with `force` (refimpl.files.write_new_file)."""
+    plt = require_matplotlib()
+    check_outdir(outdir, force)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:
@@ -276,7 +292,7 @@ def write_figures(model, src, r, outdir) -> dict[str, str]:
             try:
                 fig.suptitle(head, fontsize=10)
                 fig.tight_layout()
-                fig.savefig(path, dpi=DPI)
+                write_new_file(path, lambda f: fig.savefig(f, dpi=DPI, format="png"), force=force)
             finally:
                 plt.close(fig)
         paths[name] = path

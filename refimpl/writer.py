@@ -36,8 +36,8 @@ from typing import Callable
 import numpy as np
 
 from . import progress as _progress
-from .config import config_digest
-from .errors import RefimplError
+from .config import Config, check_tensors, config_digest
+from .errors import FormatError, RefimplError
 from .files import chmod_default, exchange, interruptible, quiet_signals, rename_noreplace, sha256_file
 from .safetensors_io import DTYPES, write_safetensors
 
@@ -259,6 +259,18 @@ def clean_stale(dst: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+def check_plan(config: dict, plan: list[Planned], where: str) -> None:
+    """Validate the configuration being written exactly as loading will (finite, in range,
+    consistent with the tensors: refimpl.config), so a conversion never writes an unusable model."""
+    try:
+        cfg = Config.from_dict(dict(config))
+        check_tensors(cfg, {p.name: tuple(p.shape) for p in plan}, "the converted model")
+    except FormatError as e:
+        msg = str(e)
+        msg = msg[len("config.json: "):] if msg.startswith("config.json: ") else msg
+        raise FormatError(f"{where}: conversion refused: {msg}") from None
+
+
 def _checked(p: Planned) -> np.ndarray:
     a = p.load()
     if tuple(a.shape) != tuple(p.shape):
@@ -394,6 +406,7 @@ def write_canonical(dst: str, config: dict, plan: list[Planned], tokenizer_json:
     names = [p.name for p in plan]
     if len(set(names)) != len(names):
         raise RefimplError("converter produced duplicate tensor names")
+    check_plan(config, plan, (list(inputs) + list(sources) + [dst])[0])
     dst = os.path.abspath(dst)
     check_destination(dst, force, list(sources) + list(inputs))
     parent = os.path.dirname(dst)

@@ -118,7 +118,7 @@ def test_matches_stock_fairseq(converted, expected, variant, monkeypatch):
     assert worst["log_probs"] > 1e-8          # the float32 table really shows
 
     stock = expected["pos_table_stock"]       # rows 0..24: enough for the longest prompt (T = 23)
-    monkeypatch.setattr(nn, "sinusoidal_table", lambda n, dim, pad: stock[:n].astype(np.float64))
+    monkeypatch.setattr(nn, "sinusoidal_rows", lambda pos, dim, pad: stock[pos].astype(np.float64))
     worst = max_diffs(m, expected, "")
     print(f"{variant}: with fairseq's float32 table: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     assert max(worst.values()) <= TOL, worst

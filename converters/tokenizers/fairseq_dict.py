@@ -20,12 +20,14 @@ Semantics of fairseq's `Dictionary()` + `add_from_file` (fairseq/data/dictionary
 from __future__ import annotations
 
 import functools
+import io
 import sys
 
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 
 from refimpl.errors import FormatError
+from refimpl.files import read_text
 
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 OVERWRITE = "#fairseq:overwrite"
@@ -41,13 +43,7 @@ def _ws_class() -> str:
 
 def read_fairseq_dict(path: str) -> list[str]:
     """Symbols of `Dictionary.load(path)` in id order (specials first); orphans are None."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = io.StringIO(read_text(path, "tokenizer"), newline=None).readlines()   # as open(path, "r") reads it
     symbols: list = list(FAIRSEQ_SPECIALS)
     index = {w: i for i, w in enumerate(symbols)}
     for lineno, raw in enumerate(lines, 1):

@@ -7,23 +7,23 @@ token; it is GPT-2's BOS and EOS. No BOS is added when encoding.
 """
 from __future__ import annotations
 
+import io
 import json
 
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from refimpl.errors import FormatError
+from refimpl.files import read_text
 
 ENDOFTEXT = "<|endoftext|>"
 
 
 def read_gpt2_vocab(path: str) -> dict[str, int]:
+    text = read_text(path, "tokenizer")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            vocab = json.load(f)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        vocab = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: not a JSON vocabulary ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(vocab, dict) or not vocab:
         raise FormatError(f"{path}: expected a non-empty JSON object mapping tokens to ids")
@@ -39,13 +39,7 @@ def read_gpt2_vocab(path: str) -> dict[str, int]:
 
 def read_gpt2_merges(path: str) -> list[tuple[str, str]]:
     """`vocab.bpe`: an optional `#version: ...` first line, then `left right` per line."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: not UTF-8 text") from None
+    lines = io.StringIO(read_text(path, "tokenizer"), newline=None).read().split("\n")   # as open(path, "r")
     merges = []
     for lineno, line in enumerate(lines, 1):
         line = line.rstrip("\r")

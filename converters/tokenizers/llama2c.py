@@ -18,6 +18,7 @@ import re
 import struct
 
 from refimpl.errors import FormatError
+from refimpl.files import read_bytes
 
 from .sentencepiece_model import BYTE, CONTROL, NORMAL, UNKNOWN
 from .spm import SPACE, spm_bpe_tokenizer
@@ -31,11 +32,7 @@ def read_llama2c_tokenizer(path: str, vocab_size: int) -> tuple[list[str], list[
     """Return (raw pieces as stored, scores, max_token_length)."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise FormatError(f"{path}: vocabulary size must be a positive integer, got {vocab_size!r}")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    data = read_bytes(path, "tokenizer")
     if len(data) < 4:
         raise FormatError(f"{path}: truncated llama2.c tokenizer (no header)")
     (max_len,) = struct.unpack_from("<i", data, 0)

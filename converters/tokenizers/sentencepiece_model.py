@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 
 from refimpl.errors import FormatError
+from refimpl.files import read_bytes
 
 # SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -260,9 +261,5 @@ def parse_model_proto(data: bytes, what: str = "tokenizer.model") -> SentencePie
 
 def read_sentencepiece_model(path: str) -> SentencePieceModel:
     """Read and decode `tokenizer.model` at `path`."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    data = read_bytes(path, "tokenizer")
     return parse_model_proto(data, what=str(path))
