@@ -1,0 +1,192 @@
+"""Derived data is bound to the exact bytes it came from (docs/safety.md, "No stale answer").
+
+`refimpl prepare` stores a compute-dtype copy of the weights and the per-neuron score
+ranges. Whatever happens to the model or to those files afterwards (an ablation of the
+weights, a doctored or zeroed cache file, a file of the wrong shape), the next analysis
+gives exactly what the model on disk gives without any cache, and `refimpl verify`
+reports the cache files that do not match. The oracle throughout is the same model copied
+to a fresh folder with no cache/ at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refimpl.embedded import DATA
+from refimpl.synthetic import random_config, write_random_model
+from tests.test_robustness import cli
+
+
+def _locate(capfd, model, *extra):
+    rc, out, err = cli(capfd, "locate", "--model", model, "--json", "--top", "3", *extra)
+    assert rc == 0, err
+    r = json.loads(out)
+    r.pop("seconds", None)
+    r.pop("timing", None)
+    return r
+
+
+def _fresh_copy(model: Path, dst: Path) -> Path:
+    """The model's own files (no cache/) in a new folder: what the truth is without any cache."""
+    dst.mkdir()
+    for f in model.iterdir():
+        if f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), 8 + n
+
+
+def _edit_tensor(path: Path, name_filter, fn) -> list[str]:
+    """Rewrite tensors whose name passes `name_filter` in place (same size, new content)."""
+    head, start = _header(path)
+    data = bytearray(path.read_bytes())
+    dt = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+    done = []
+    for name, info in head.items():
+        if name == "__metadata__" or not name_filter(name):
+            continue
+        a, b = info["data_offsets"]
+        arr = np.frombuffer(bytes(data[start + a:start + b]), dt[info["dtype"]])
+        data[start + a:start + b] = np.ascontiguousarray(fn(arr), dt[info["dtype"]]).tobytes()
+        done.append(name)
+    path.write_bytes(bytes(data))
+    assert done, "no tensor matched"
+    return done
+
+
+def _cache_files(model: Path, suffix: str) -> list[Path]:
+    return sorted((model / "cache").glob(f"*{suffix}"))
+
+
+@pytest.fixture
+def llama(tmp_path):
+    d = tmp_path / "m"
+    write_random_model(str(d), random_config("llama", n_kv_heads=2, d_vocab=40, n_layers=3), seed=5, dtype="F16")
+    return d
+
+
+def test_ablation_after_prepare_is_seen_by_the_next_locate(tmp_path, capfd, llama):
+    """The issue's case: prepare, then zero every mlp.W_out in model.safetensors; float64 locate
+    must report the ablated model (on main it reported the unablated one from the stale copy)."""
+    before = _locate(capfd, llama, "--ids", "1,5,9,3")
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    assert _locate(capfd, llama, "--ids", "1,5,9,3")["target"] == before["target"]     # the copy is exact
+    _edit_tensor(llama / "model.safetensors", lambda n: n.endswith("mlp.W_out"), np.zeros_like)
+    after = _locate(capfd, llama, "--ids", "1,5,9,3")
+    truth = _locate(capfd, _fresh_copy(llama, tmp_path / "oracle"), "--ids", "1,5,9,3")
+    assert after["target"] == truth["target"] and after["layers"] == truth["layers"]
+    assert after["prediction"] == truth["prediction"]
+    assert after["layers"] != before["layers"]                          # the ablation changed the answer
+    assert all(L["ffn"]["log_prob_increase"] == truth["layers"][i]["ffn"]["log_prob_increase"]
+               for i, L in enumerate(after["layers"]))
+
+
+def test_doctored_weight_copy_is_not_used_and_verify_reports_it(tmp_path, capfd, llama):
+    """On main a doctored cache/ file changed the prediction and `verify` said all files match."""
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    parts = [p for p in _cache_files(llama, ".safetensors") if "unembed.W_U" in _header(p)[0]]
+    assert len(parts) == 1
+    _edit_tensor(parts[0], lambda n: n == "unembed.W_U", lambda a: -3 * a)
+    got = _locate(capfd, llama, "--ids", "1,5,9,3")
+    truth = _locate(capfd, _fresh_copy(llama, tmp_path / "oracle"), "--ids", "1,5,9,3")
+    assert got["prediction"] == truth["prediction"] and got["layers"] == truth["layers"]
+    rc, out, err = cli(capfd, "verify", llama)
+    assert rc == 2 and parts[0].name in out, out
+
+
+def test_doctored_weight_copy_with_its_record_rewritten_is_caught_by_verify(capfd, llama):
+    """An edit that also rewrites the cache's own record passes the cheap checks, but `verify`
+    compares the copy with the model value by value."""
+    from refimpl import cache
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    man = llama / "cache" / "weights-float64.json"
+    m = json.loads(man.read_text())
+    part = next(p for p in _cache_files(llama, ".safetensors") if "unembed.W_U" in _header(p)[0])
+    _edit_tensor(part, lambda n: n == "unembed.W_U", lambda a: a + 1e-3)
+    for r in m["payloads"]:
+        if r["name"] == part.name:
+            r.update(cache.identity(str(part)), sha256=cache.sha256_file(str(part)))
+    man.write_text(json.dumps(m))
+    rc, out, err = cli(capfd, "verify", llama)
+    assert rc == 2 and "differs from the model's weights" in out and part.name in out, out
+
+
+@pytest.fixture
+def embedded_copy(tmp_path):
+    """The shipped model in a writable folder, so its cache/ sits beside it."""
+    d = tmp_path / "capitals"
+    shutil.copytree(os.path.join(DATA, "capitals-gpt2"), d)
+    return d
+
+
+def _counts(capfd, model):
+    return _locate(capfd, model, "The capital of France is", "--counts", "yes")["ffn_counts"]
+
+
+def test_zeroed_ranges_file_does_not_change_the_counts(tmp_path, capfd, embedded_copy):
+    """On main a zeroed ranges file silently changed the per-layer counts."""
+    truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
+    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
+    (npz,) = _cache_files(embedded_copy, ".npz")
+    with np.load(npz) as f:
+        zero = {k: np.zeros_like(f[k]) for k in f.files}
+    np.savez(npz, **zero)
+    rc, out, _ = cli(capfd, "verify", embedded_copy)
+    assert rc == 2 and npz.name in out
+    assert _counts(capfd, embedded_copy) == truth
+    assert cli(capfd, "verify", embedded_copy)[0] == 0               # recomputed and stored again
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (0,), (4, 511)])
+def test_ranges_file_of_the_wrong_shape_is_no_traceback(tmp_path, capfd, embedded_copy, shape):
+    """On main a ranges file of the wrong shape gave a traceback."""
+    truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
+    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
+    (npz,) = _cache_files(embedded_copy, ".npz")
+    with np.load(npz) as f:
+        bad = {k: np.ones(shape) for k in f.files}
+    np.savez(npz, **bad)
+    assert _counts(capfd, embedded_copy) == truth
+
+
+def test_ablation_after_prepare_changes_the_counts_too(tmp_path, capfd, embedded_copy):
+    """The ranges depend on the weights: an edit after prepare must not reuse them."""
+    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
+    _edit_tensor(embedded_copy / "model.safetensors", lambda n: n == "blocks.0.mlp.W_out", lambda a: 5 * a)
+    truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
+    assert _counts(capfd, embedded_copy) == truth
+
+
+def test_verify_checks_the_cache(capfd, llama):
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    assert cli(capfd, "verify", llama)[0] == 0                      # a fresh cache matches
+    (llama / "cache" / "planted.npz").write_bytes(b"PK\x05\x06" + bytes(18))
+    rc, out, _ = cli(capfd, "verify", llama)
+    assert rc == 2 and "planted.npz" in out
+    (llama / "cache" / "planted.npz").unlink()
+    _edit_tensor(llama / "model.safetensors", lambda n: n == "blocks.1.mlp.W_in", lambda a: a * 0.5)
+    rc, out, _ = cli(capfd, "verify", llama)
+    assert rc == 2 and "model.safetensors: sha256 mismatch" in out and "stale" in out, out
+
+
+def test_stale_cache_warns_and_prepare_rebuilds_it(capfd, llama):
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    os.utime(llama / "model.safetensors", ns=(1, 1))                  # even a bare timestamp change
+    rc, out, err = cli(capfd, "locate", "--model", llama, "--ids", "1,5,9")
+    lines = err.splitlines()
+    assert rc == 0 and lines and all(x.startswith("warning:") and "stale" in x for x in lines), err
+    assert any("weights-float64" in x for x in lines)
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    rc, out, err = cli(capfd, "locate", "--model", llama, "--ids", "1,5,9")
+    assert rc == 0 and err == "", err
