@@ -138,7 +138,13 @@ class Options:
 
 def read_options(obj: dict, where: str) -> Options:
     """The model options of a fairseq checkpoint (args Namespace, cfg DictConfig or cfg dict)."""
-    from .torch_objects import to_plain
+    from .torch_objects import to_plain as _to_plain
+
+    def to_plain(x):
+        try:
+            return _to_plain(x)
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from None
     args, cfg = obj.get("args"), obj.get("cfg")
     model = task = None
     if cfg is not None:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 
@@ -361,9 +360,8 @@ def detect_hf(src: str, model_type: str) -> bool:
         return False
     path = os.path.join(src, "config.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError, RecursionError):
+        cfg = read_json(path)
+    except RefimplError:
         cfg = None
     if not isinstance(cfg, dict):
         return has_weight_files(src) and not os.path.exists(os.path.join(src, "params.json"))

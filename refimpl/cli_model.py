@@ -1,7 +1,6 @@
 """Model subcommands: convert, verify, predict, models, prepare."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -89,12 +88,12 @@ def cmd_models(p, args=None):
     if args is None:
         return
     from .embedded import DATA, DEFAULT, embedded_models
+    from .files import read_json
     names = embedded_models()
     if not names:
         print("no embedded models installed")
     for n in names:
-        with open(os.path.join(DATA, n, "config.json")) as f:
-            c = json.load(f)
+        c = read_json(os.path.join(DATA, n, "config.json"))
         print(f"{n}{' (default)' if n == DEFAULT else ''}: {c['family']}, {c['n_layers']} layers, d_model {c['d_model']}, "
               f"vocabulary {c['d_vocab']}  [{os.path.join(DATA, n)}]")
 

@@ -38,7 +38,8 @@ import numpy as np
 from . import progress as _progress
 from .config import Config, check_tensors, config_digest
 from .errors import FormatError, RefimplError
-from .files import chmod_default, exchange, interruptible, quiet_signals, rename_noreplace, sha256_file
+from .files import (chmod_default, exchange, interruptible, quiet_signals, read_json, rename_noreplace,
+                    sha256_file)
 from .safetensors_io import DTYPES, write_safetensors
 
 CONVERTER_VERSION = "0.1.0"
@@ -114,10 +115,8 @@ def unknown_entries(folder: str) -> list[str]:
 
 def is_canonical_model(folder: str) -> bool:
     try:
-        with open(os.path.join(folder, "config.json"), "rb") as f:
-            head = f.read(1 << 20)
-        return json.loads(head).get("format") == "refimpl-canonical"
-    except (OSError, ValueError, AttributeError):
+        return read_json(os.path.join(folder, "config.json")).get("format") == "refimpl-canonical"
+    except (RefimplError, OSError, AttributeError):
         return False
 
 
