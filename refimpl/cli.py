@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from . import cli_model, cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
+from . import __version__, cli_model, cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
 from .cli_common import COMMANDS, _Parser
 from .errors import RefimplError
 
@@ -18,26 +19,41 @@ from .errors import RefimplError
 # --- entry point ------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="refimpl", description="Residual-stream subvalue analysis in pure NumPy.")
+    parser = _Parser(prog="refimpl", description="Residual-stream subvalue analysis in pure NumPy "
+                     "(Yu & Ananiadou). `refimpl COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"refimpl {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, fn) in COMMANDS.items():
         fn(sub.add_parser(name, help=help_, description=help_))
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+def _one_line(message, category) -> str:
+    return str(message).splitlines()[0] if str(message) else category.__name__
 
 
 def main(argv=None) -> int:
     import warnings
-    warnings.showwarning = _one_line_warning
+    shown: list[str] = []
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        msg = _one_line(message, category)
+        print(f"warning: {msg}", file=sys.stderr)
+        shown.append(msg)                   # also listed in the JSON output's `warnings`
+
+    old = warnings.showwarning
+    warnings.showwarning = showwarning
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:             # --help, --version
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
         if not args.cmd:
             parser.print_help()
             return 2
+        args._t0, args._warnings = time.perf_counter(), shown
         COMMANDS[args.cmd][1](None, args)
         return 0
     except RefimplError as e:
@@ -55,6 +71,8 @@ def main(argv=None) -> int:
         where = "".join(f"{f}: " for f in (e.filename, e.filename2) if f)
         print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = old
 
 
 if __name__ == "__main__":
