@@ -42,9 +42,29 @@ def detect(path: str) -> str | None:
         return None
     import converters
     try:
-        return converters.detect_format(path)
+        fmt = converters.detect_format(path)
     except RefimplError:
         return None
+    return fmt if _confirmed(path, fmt) else None
+
+
+def _confirmed(path: str, fmt: str) -> bool:
+    """Positive evidence for the format (the converters' detection also claims broken inputs,
+    so that conversion can say what is wrong with them; a damaged converted model is not one)."""
+    if fmt.startswith("hf-"):
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                return json.load(f).get("model_type") == fmt[3:]
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+    if fmt == "llama2c":
+        from converters import llama2c
+        try:
+            llama2c._read_header(llama2c._model_file(path))
+            return True
+        except (RefimplError, OSError):
+            return False
+    return True
 
 
 def _needs_tokenizer(path: str, fmt: str) -> bool:
