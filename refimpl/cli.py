@@ -54,8 +54,7 @@ def main(argv=None) -> int:
             parser.print_help()
             return 2
         args._t0, args._warnings = time.perf_counter(), shown
-        COMMANDS[args.cmd][1](None, args)
-        return 0
+        return int(COMMANDS[args.cmd][1](None, args) or 0)     # a command may return an exit code (compare: 1)
     except RefimplError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
