@@ -306,7 +306,7 @@ class Model:
             raise FormatError(f"{os.path.join(self.path, 'tokenizer.json')}: cannot {what} ({_first_line(e)})") from None
 
     def encode(self, text: str) -> list[int]:
-        """Tokenize text and put the family's start ids in front (DESIGN.md section 3)."""
+        """Tokenize text and put the family's start ids (config.json prepend_ids) in front."""
         if not isinstance(text, str) or not text.strip():
             raise RefimplError("empty prompt")
         ids = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False).ids)

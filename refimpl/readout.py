@@ -1,4 +1,4 @@
-"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15; DESIGN.md section 2).
+"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15).
 
 The paper writes p(w | x) = softmax(E x). Real models put a final norm before E; the
 default readout freezes that norm's scale at the analysed position's final residual

@@ -80,7 +80,7 @@ CUTOFF = "20,60"
 
 # The first 96 lines of the real fairseq WikiText-103 dict.txt (word, count), so that
 # ids 4..99 are the real wiki103 ids of these words.  Embedded so that the script does
-# not depend on ../shared being present.
+# not depend on files outside the repository.
 FIRST_WIKI103_LINES = """the 5584823
 , 4971506
 . 3624899
