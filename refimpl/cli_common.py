@@ -66,8 +66,18 @@ def parse_ids(s: str) -> list[int]:
 
 def open_model(args):
     from .api import load
-    return load(getattr(args, "model", None), dtype=getattr(args, "dtype", "float64"),
-                convert=getattr(args, "convert", False))
+    model, convert = getattr(args, "model", None), getattr(args, "convert", False)
+    if convert:
+        import os
+        from .checkpoints import is_converted
+        from .embedded import embedded_models
+        if model is None:
+            no_effect("--convert", "without --model (the embedded model is converted already)")
+        if is_converted(model) or (not os.path.exists(model) and model in embedded_models()):
+            no_effect("--convert", f"with --model {model}: it is a converted model already")
+    if getattr(args, "target", None) is not None and getattr(args, "target_id", None) is not None:
+        raise RefimplError("give either --target or --target-id, not both")
+    return load(model, dtype=getattr(args, "dtype", "float64"), convert=convert)
 
 
 def model_options(p, dtype=True):

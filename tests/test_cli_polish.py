@@ -126,7 +126,10 @@ def test_options_without_effect_are_refused():
                          (["trace", PROMPT, "--layer", "1", "--neuron", "0", "--by", "head"], "--by has no effect"),
                          (["predict", PROMPT, "--position", "2", "--generate", "3"], "--position"),
                          (["subkey", PROMPT, "--layer", "0", "--readout", "raw"], "--readout"),
-                         (["compare", "a", "b", "--summary", "--json"], "--summary has no effect")):
+                         (["compare", "a", "b", "--summary", "--json"], "--summary has no effect"),
+                         (["locate", PROMPT, "--target", "Paris", "--target-id", "3"], "not both"),
+                         (["layers", PROMPT, "--convert"], "--convert has no effect"),
+                         (["layers", PROMPT, "--convert", "--model", "capitals-gpt2"], "--convert has no effect")):
         rc, out, err = run(*argv)
         assert rc == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
         assert needle in err, (needle, err)
