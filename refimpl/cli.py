@@ -42,8 +42,13 @@ def main(argv=None) -> int:
         print(f"warning: {msg}", file=sys.stderr)
         shown.append(msg)                   # also listed in the JSON output's `warnings`
 
-    old = warnings.showwarning
-    warnings.showwarning = showwarning
+    with warnings.catch_warnings():         # filters and handler restored on return (main may run in-process)
+        warnings.simplefilter("always", UserWarning)      # each run shows its warnings, not once per process
+        warnings.showwarning = showwarning
+        return _main(argv, shown)
+
+
+def _main(argv, shown: list) -> int:
     try:
         parser = build_parser()
         try:
@@ -70,8 +75,6 @@ def main(argv=None) -> int:
         where = "".join(f"{f}: " for f in (e.filename, e.filename2) if f)
         print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
         return 2
-    finally:
-        warnings.showwarning = old
 
 
 if __name__ == "__main__":

@@ -158,8 +158,6 @@ def format_report(r: dict, model=None) -> str:
     lines.append(f"prediction: {display.show(pred['token'], pred.get('piece'))} p={pred['prob']:.4f}")
     lines.append(f"target: {display.show(tgt['token'], tgt.get('piece'))} (id {tgt['id']}) log p={tgt['log_prob']:.4f} "
                  f"p={tgt['prob']:.4f} rank {tgt['rank']}")
-    for w in r.get("warnings", []):
-        lines.append(f"warning: {w}")
     lines.append("")
     lines.append("layer significance for the target (log-probability increase / probability increase):")
     lines.append(f"{'layer':>5}  {'attn logp':>10} {'attn p':>9}  {'ffn logp':>10} {'ffn p':>9}")

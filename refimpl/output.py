@@ -89,12 +89,15 @@ def header(command: str, trace, prompt, t: int, w: int | None, readout: str | No
 # --- warnings ------------------------------------------------------------------------------
 
 def collected(fn):
-    """Decorator: warnings raised while `fn` builds an output object are also listed in the
-    object's `warnings` (and still reach the caller's warning handlers)."""
+    """Decorator: the warnings (UserWarning and its subclasses: refimpl's own, such as an
+    unknown token) raised while `fn` builds an output object are also listed in the object's
+    `warnings`, every time (not once per place as Python shows them), and all caught warnings
+    still reach the caller's handlers. (Warning filters are process-wide: do not build two
+    objects at once in threads of one process.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", UserWarning)
             out = fn(*args, **kwargs)
         add_warnings(out, caught)
         return out
@@ -102,10 +105,11 @@ def collected(fn):
 
 
 def add_warnings(obj: dict, caught) -> None:
-    """List the messages of caught warnings in obj["warnings"] (once each) and re-emit them."""
+    """List the messages of caught UserWarnings in obj["warnings"] (once each) and re-emit
+    every caught warning to the handlers outside."""
     for w in caught:
         msg = str(w.message).splitlines()[0] if str(w.message) else w.category.__name__
-        if isinstance(obj, dict) and msg not in obj.setdefault("warnings", []):
+        if isinstance(obj, dict) and issubclass(w.category, UserWarning) and msg not in obj.setdefault("warnings", []):
             obj["warnings"].append(msg)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 

@@ -238,3 +238,40 @@ def test_schema_accepts_the_announced_additions(located):
     bad["top_subvalues"][-1].pop("head")
     with pytest.raises(jsonschema.ValidationError):
         output.validate(bad, "locate")
+
+
+# --- warnings reach the output object (and stderr, once) ----------------------------------------------
+
+MSG = "target 'Pariss' is not in the vocabulary"
+
+
+@pytest.fixture
+def warning_target(monkeypatch):
+    import importlib
+    import warnings
+
+    L = importlib.import_module("refimpl.locate")        # the module; refimpl.locate is the function
+    original = L.resolve_target
+
+    def resolve_target(*a, **kw):
+        warnings.warn(MSG)
+        return original(*a, **kw)
+    monkeypatch.setattr(L, "resolve_target", resolve_target)
+
+
+def test_warnings_are_listed(warning_target, capsys):
+    for _ in range(2):                                   # every run, not once per place
+        with pytest.warns(UserWarning, match="Pariss"):
+            r = refimpl.locate(PROMPT, top=2)
+        assert r["warnings"] == [MSG]
+        output.validate(r.to_dict())
+    for cmd, extra in (("locate", ["--top", "2"]), ("layers", [])):
+        capsys.readouterr()
+        rc = main([cmd, PROMPT, "--json", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0 and json.loads(out)["warnings"] == [MSG]
+        assert err.splitlines() == [f"warning: {MSG}"]
+        rc = main([cmd, PROMPT, *extra])
+        out, err = capsys.readouterr()
+        assert err.splitlines() == [f"warning: {MSG}"]
+        assert MSG not in out                            # stderr only, not repeated in the report
