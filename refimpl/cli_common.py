@@ -106,8 +106,8 @@ def common(p, target=True, readout=True, json=True):
                             "logit lens (docs/design-choices.md)")
     if target:
         p.add_argument("--target", default=None,
-                       help="target token, as one token of the vocabulary, e.g. ' Paris' for GPT-2 "
-                            "(default: the top-1 prediction)")
+                       help="target token: one vocabulary token, its leading space included where the "
+                            "tokenizer has one (GPT-2) (default: the top-1 prediction)")
         p.add_argument("--target-id", type=int, default=None, help="target token id (instead of --target)")
     if json:
         p.add_argument("--json", action="store_true",
