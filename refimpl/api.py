@@ -26,15 +26,16 @@ def models() -> list[str]:
     return embedded_models()
 
 
-def load(name_or_path: str | None = None, dtype: str = "float64", convert: bool = False) -> Model:
+def load(name_or_path: str | None = None, dtype: str = "float64", convert: bool = False, **options) -> Model:
     """Open a model: an embedded model's name (see `models()`), a converted model directory,
     or None for the default embedded model. Reads headers only; weights are memory-mapped.
 
     An unconverted checkpoint (Hugging Face, Meta, fairseq, llama2.c) is refused with the
-    `refimpl convert` command to run, or converted once into the user cache with convert=True."""
+    `refimpl convert` command to run, or converted once into the user cache with convert=True.
+    Other options go to `refimpl.model.load` (e.g. cache_bytes, the in-memory weight cache)."""
     from .embedded import resolve_model
     from .model import load as load_dir
-    return load_dir(resolve_model(name_or_path, convert=convert), dtype=dtype)
+    return load_dir(resolve_model(name_or_path, convert=convert), dtype=dtype, **options)
 
 
 def _model(model, dtype: str) -> Model:
