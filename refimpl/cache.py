@@ -38,6 +38,7 @@ from .errors import FormatError, RefimplError
 from .files import chmod_default, parse_json, read_bytes, read_text, sha256_file
 
 VERSION = 1
+PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # read-only models shipped inside
 NAME_RE = re.compile(r"(weights-(float32|float64)(-L\d{4}|-rest)?\.(safetensors|json)"
                      r"|ranges-(frozen|raw)-(float32|float64)\.(npz|json)"
                      r"|\.[^/]+\.tmp)$")
@@ -56,9 +57,8 @@ def is_cache_name(name: str) -> bool:
 def cache_dir(model) -> str:
     """cache/ beside the model, unless the model is package data or its folder is read-only:
     then $XDG_CACHE_HOME/refimpl/<key> (default ~/.cache/refimpl/<key>), one folder per model."""
-    from .embedded import DATA
     path = os.path.abspath(model.path)
-    inside_package = path.startswith(os.path.abspath(DATA) + os.sep)
+    inside_package = path.startswith(PACKAGE_DATA + os.sep)
     if os.access(path, os.W_OK) and not inside_package:
         return os.path.join(path, "cache")
     return user_cache_dir(path)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import FormatError
 from .files import read_json
@@ -126,10 +126,11 @@ class Config:
             raise FormatError("config.json: not a JSON object")
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
-        try:
-            cfg = cls(**known)
-        except TypeError as e:
-            raise FormatError(f"config.json: missing or invalid field ({e})") from None
+        missing = [f.name for f in fields(cls) if f.name in names and f.name not in known
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise FormatError(f"config.json: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        cfg = cls(**known)
         cfg.extra = {k: v for k, v in d.items() if k not in names}
         return cfg
 
@@ -274,3 +275,12 @@ def read_config(model_dir: str) -> Config:
     except FormatError as e:            # name the file, not just "config.json"
         msg = str(e)
         raise FormatError(f"{path}: {msg[len('config.json: '):] if msg.startswith('config.json: ') else msg}") from None
+
+
+def looks_canonical(path: str) -> bool:
+    """Whether a config.json is (or may be) a refimpl one rather than, say, a Hugging Face config."""
+    try:
+        d = read_json(path)
+    except (FormatError, OSError):
+        return True                     # read_json_object reports what is wrong with it
+    return not isinstance(d, dict) or "format" in d or "model_type" not in d

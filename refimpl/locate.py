@@ -11,10 +11,11 @@ stable JSON contract of `refimpl locate --json`; `format_report` renders it as t
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
-from . import bounds, tracing
+from . import bounds, display, output, tracing
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
@@ -49,7 +50,7 @@ def _forms(text: str) -> list[str]:
 
 
 def _show(model, i: int) -> str:
-    return f"{model.token_str(i)!r} (id {i})"
+    return f"{display.token(model, i)} (id {i})"
 
 
 def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, target_id: int | None = None,
@@ -86,12 +87,12 @@ def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, ta
         alt = target.lstrip(" ") if target.startswith(" ") else " " + target
         j = single_token(model, alt)
         if j is not None and j != tid:
-            notes.append(f"note: target {target!r} is token {_show(model, tid)}; {alt!r} "
+            notes.append(f"target {target!r} is token {_show(model, tid)}; {alt!r} "
                          f"({'without' if target.startswith(' ') else 'with'} the leading space) is a different "
                          f"token, {_show(model, j)}")
         piece = model._tok("look up the target", lambda t: t.token_to_id(target))
         if piece is not None and int(piece) != tid and 0 <= int(piece) < model.cfg.d_vocab and j != int(piece):
-            notes.append(f"note: target {target!r} as text is token {_show(model, tid)}; the vocabulary piece "
+            notes.append(f"target {target!r} as text is token {_show(model, tid)}; the vocabulary piece "
                          f"{target!r} itself is a different token, id {int(piece)} (give --target-id to use it)")
     return tid
 
@@ -101,7 +102,7 @@ def prompt_warnings(model, prompt) -> list[str]:
     if not isinstance(prompt, str):
         return []
     unk = model.unk_id
-    return [f"warning: prompt word {word!r} is not in the vocabulary: it became the unknown token "
+    return [f"prompt word {word!r} is not in the vocabulary: it became the unknown token "
             f"{_show(model, unk)} at position {pos}" for pos, word in model.unknown_words(prompt)]
 
 
@@ -117,27 +118,25 @@ def _top_tokens(model, R, v) -> list[str]:
     return [model.token_str(i) for i in top_ids(R.bs(v), N_TOP_TOKENS)]
 
 
+@output.collected
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
            readout: str = "frozen", exhaustive: bool = False, counts="auto") -> dict:
-    """The report as a dict (the `--json` contract). counts: True, False or "auto" (the per-layer
+    """The report as a dict: the one place the `refimpl locate --json` object is built (schema
+    refimpl/data/schemas/locate.json), also what `refimpl.locate(...).to_dict()` returns and
+    each record of `refimpl batch`. counts: True, False or "auto" (the per-layer
     helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
     small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
     has cached those ranges already)."""
     t0 = time.perf_counter()
     trace = run(model, prompt_or_ids)
     t = resolve_position(trace, position)
-    warnings_ = prompt_warnings(model, prompt_or_ids)
-    w = resolve_target(model, trace.log_probs[t], target, target_id, notes=warnings_)
+    notes = prompt_warnings(model, prompt_or_ids)
+    w = resolve_target(model, trace.log_probs[t], target, target_id, notes=notes)
+    for msg in notes:                # unknown prompt words, target notes: listed in `warnings`, shown on stderr
+        warnings.warn(msg, UserWarning, stacklevel=2)
     R = trace.readout(t, readout)
-    lp = trace.log_probs[t]
     result = {
-        "ids": [int(i) for i in trace.ids], "tokens": trace.tokens, "position": t,
-        "target": {"id": w, "token": model.token_str(w), "log_prob": float(lp[w]), "prob": float(np.exp(lp[w])),
-                   "rank": rank_of(lp, w)},
-        "prediction": {"id": int(np.argmax(lp)), "token": model.token_str(int(np.argmax(lp))),
-                       "prob": float(np.exp(lp.max()))},
-        "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
-        "warnings": warnings_,      # unknown prompt words, target notes: one line each (also in the report)
+        **output.header("locate", trace, prompt_or_ids, t, w, readout), "exhaustive": bool(exhaustive),
         "layers": layer_significance(trace, w, t, R),
     }
     # attention subvalues by source position, heads summed, over all layers: exact top-K
@@ -149,17 +148,19 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     vecs += [trace.ffn_subvalues(int(i), t, [int(k)])[0] for i, k in zip(ffn["layer"], ffn["neuron"])]
     vecs += [model.rows(f"blocks.{int(i)}.mlp.W_out", int(k)) for i, k in zip(ffn["layer"], ffn["neuron"])]
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
-    toks = lambda row: [model.token_str(x) for x in top_ids(row, N_TOP_TOKENS)]
+    def toks(row):                  # {"top_tokens": decoded strings, "top_token_ids": their ids}
+        ids = [int(x) for x in top_ids(row, N_TOP_TOKENS)]
+        return {"top_tokens": [model.token_str(x) for x in ids], "top_token_ids": ids}
     tops = [{"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
              "log_prob_increase": float(c), "prob_increase": float(p),
-             "target_rank": rank_of(bs[n], w), "top_tokens": toks(bs[n])}
+             "target_rank": rank_of(bs[n], w), **toks(bs[n])}
             for n, ((i, j), c, p) in enumerate(zip(attn, att["log_prob_increase"], att["prob_increase"]))]
     nf = len(ffn["layer"])
     for n, (i, k, c, p) in enumerate(zip(ffn["layer"], ffn["neuron"], ffn["log_prob_increase"], ffn["prob_increase"])):
         row, fc2 = bs[len(attn) + n], bs[len(attn) + nf + n]
         tops.append({"kind": "ffn", "layer": int(i), "index": int(k), "log_prob_increase": float(c),
                      "prob_increase": float(p), "target_rank": rank_of(row, w), "target_rank_in_fc2": rank_of(fc2, w),
-                     "coefficient": float(trace.layers[int(i)].m[t, int(k)]), "top_tokens": toks(row)})
+                     "coefficient": float(trace.layers[int(i)].m[t, int(k)]), **toks(row)})
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
@@ -174,7 +175,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
     if len(ffn["layer"]):
         result["activation_trace"] = activation_report(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t, R)
-    result["seconds"] = time.perf_counter() - t0
+    result["timing"] = {"seconds": time.perf_counter() - t0}
     return result
 
 
@@ -192,23 +193,36 @@ def activation_report(trace, i: int, k: int, t: int, R) -> list[dict]:
             order = np.argsort(-sign * lvl2["values"], kind="stable")[:5]
             labels, vals = lvl2["labels"], lvl2["values"]
             _, sv = tracing.source_subvalues(trace, best["source"], t)
+            top = [[int(x) for x in top_ids(R.bs(sv[j]), 5)] for j in order]
             lvl1["top_source"] = {"source": best["source"], "subvalues": [
-                {"label": labels[j], "value": float(vals[j]),
-                 "top_tokens": [model.token_str(x) for x in top_ids(R.bs(sv[j]), 5)]} for j in order]}
+                {"label": labels[j], "value": float(vals[j]), "top_tokens": [model.token_str(x) for x in ids],
+                 "top_token_ids": ids} for j, ids in zip(order, top)]}
         out.append(lvl1)
     return out
 
 
 # --- text report -------------------------------------------------------------------------
 
-def format_report(r: dict) -> str:
+def format_report(r: dict, model=None) -> str:
+    """The text report of a locate object r. Tokens read as refimpl.display shows them (␣ for
+    a space); `model` (the one r was made with) tells SentencePiece word starts in top lists."""
     tgt, lines = r["target"], []
-    lines.append("prompt tokens: " + " ".join(f"[{i}]{tok!r}" for i, tok in zip(r["ids"], r["tokens"])))
-    lines += list(r.get("warnings", []))
-    lines.append(f"analysed position: {r['position']} ({r['tokens'][r['position']]!r}); readout: {r['readout']}; "
+    pieces = r.get("pieces") or [None] * len(r["tokens"])
+    prompt = [display.show(tok, pc) for tok, pc in zip(r["tokens"], pieces)]
+
+    def top_list(s, n):
+        if model is not None and "top_token_ids" in s:
+            return " ".join(display.token(model, i) for i in s["top_token_ids"][:n])
+        return " ".join(display.show(x) for x in s["top_tokens"][:n])
+
+    lines.append("prompt tokens: " + " ".join(f"[{i}]{tok}" for i, tok in zip(r["ids"], prompt)))
+    lines += [f"warning: {w}" for w in r.get("warnings", [])]      # unknown prompt words, target notes, ...
+    lines.append(f"analysed position: {r['position']} ({prompt[r['position']]}); readout: {r['readout']}; "
                  f"dtype {r['dtype']}")
-    lines.append(f"prediction: {r['prediction']['token']!r} p={r['prediction']['prob']:.4f}")
-    lines.append(f"target: {tgt['token']!r} (id {tgt['id']}) log p={tgt['log_prob']:.4f} p={tgt['prob']:.4f} rank {tgt['rank']}")
+    pred = r["prediction"]
+    lines.append(f"prediction: {display.show(pred['token'], pred.get('piece'))} p={pred['prob']:.4f}")
+    lines.append(f"target: {display.show(tgt['token'], tgt.get('piece'))} (id {tgt['id']}) log p={tgt['log_prob']:.4f} "
+                 f"p={tgt['prob']:.4f} rank {tgt['rank']}")
     lines.append("")
     lines.append("layer significance for the target (log-probability increase / probability increase):")
     lines.append(f"{'layer':>5}  {'attn logp':>10} {'attn p':>9}  {'ffn logp':>10} {'ffn p':>9}")
@@ -221,11 +235,11 @@ def format_report(r: dict) -> str:
         lines.append("")
         lines.append(f"top {title}:")
         for s in (x for x in r["top_subvalues"] if x["kind"] == kind):
-            where = f"L{s['layer']} pos {s['index']} {s['source_token']!r}" if kind == "attn" \
+            where = f"L{s['layer']} pos {s['index']} {prompt[s['index']]}" if kind == "attn" \
                 else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}"
             extra = f" fc2-rank {s['target_rank_in_fc2']}" if kind == "ffn" else ""
             lines.append(f"  {where:<28} logp {s['log_prob_increase']:+.4f}  p {s['prob_increase']:+.4f}  "
-                         f"target rank {s['target_rank']}{extra}  top: {' '.join(repr(x) for x in s['top_tokens'][:8])}")
+                         f"target rank {s['target_rank']}{extra}  top: {top_list(s, 8)}")
     if "ffn_counts_note" in r:
         lines += ["", r["ffn_counts_note"]]
     if "ffn_counts" in r:
@@ -245,8 +259,8 @@ def format_report(r: dict) -> str:
             ts = a["top_source"]
             lines.append(f"  largest source {ts['source']}, by subvalue:")
             for s in ts["subvalues"]:
-                lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
+                lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {top_list(s, 5)}")
     lines.append("")
     lines.append(f"({r['ffn_scored']} FFN and {r['attn_scored']} attention subvalues scored exactly for the top-K; "
-                 f"{r['seconds']:.2f} s)")
+                 f"{r['timing']['seconds']:.2f} s)")
     return "\n".join(lines)

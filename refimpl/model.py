@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .config import Config, check_tensors, read_config, resolve_name, short
+from .config import Config, check_tensors, looks_canonical, read_config, resolve_name, short
 from .errors import FormatError, RefimplError
 from .files import read_json
 from .safetensors_io import NUMPY_TO_ST, StoredTensor, read_header
@@ -80,6 +80,12 @@ class Model:
         self._tokenizer = None
         self._check_tensors()
         self.upcast_cache = self._open_upcast_cache()
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"Model({os.path.basename(os.path.normpath(self.path))!r}, family={c.family}, n_layers={c.n_layers}, "
+                f"d_model={c.d_model}, n_heads={c.n_heads}, d_ff={c.d_ff}, d_vocab={c.d_vocab}, "
+                f"dtype={self.dtype.name}, path={self.path!r})")
 
     # -- the prepared weight copy (refimpl/cache.py binds it to the model's exact files) ---------
     def needs_upcast(self) -> bool:
@@ -253,7 +259,7 @@ class Model:
                 if i == unk and text[a:b] not in (unk_piece, self._tok("look up", lambda t: t.id_to_token(unk)))]
 
     def encode(self, text: str) -> list[int]:
-        """Tokenize text and put the family's start ids in front (DESIGN.md section 3)."""
+        """Tokenize text and put the family's start ids (config.json prepend_ids) in front."""
         if not isinstance(text, str) or not text.strip():
             raise RefimplError("empty prompt")
         ids = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False).ids)
@@ -276,9 +282,21 @@ class Model:
 from .tokenizer import _FATAL, _first_line, load_tokenizer as _load_tokenizer, tokenizer_from_text  # noqa: E402,F401
 
 
+def check_converted(path: str) -> str:
+    """`path` if it may be a converted model; else FormatError saying which checkpoint it is and
+    the `refimpl convert` command (refimpl/checkpoints.py)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path) or not looks_canonical(cfg_path):
+        from .checkpoints import unconverted_message
+        msg = unconverted_message(path)
+        if msg:
+            raise FormatError(msg)
+    return path
+
+
 def load(path: str, dtype: str = "float64", cache_bytes: int = 1 << 30) -> Model:
     """Open a canonical model directory (docs/format.md). Reads headers only."""
     if not os.path.isdir(path):
         raise RefimplError(f"{path}: model directory not found")
-    cfg = read_config(path)
+    cfg = read_config(check_converted(path))
     return Model(path, cfg, _index_tensors(path), dtype=dtype, cache_bytes=cache_bytes)

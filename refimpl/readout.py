@@ -1,4 +1,4 @@
-"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15; DESIGN.md section 2).
+"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15).
 
 The paper writes p(w | x) = softmax(E x). Real models put a final norm before E; the
 default readout freezes that norm's scale at the analysed position's final residual
@@ -18,6 +18,7 @@ two-level log-softmax.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -157,6 +158,13 @@ class Readout:
         self._offset = None
         self._memo: dict = {}
         self._trace_ref, self._trace_memo = None, {}
+
+    def __repr__(self) -> str:
+        norm = f"{self.model.cfg.norm} frozen at the analysed state" if self.kind == "frozen" and self.has_norm \
+            else self.model.cfg.norm if self.has_norm else "no final norm"
+        head = "adaptive softmax" if self.head.adaptive else "linear unembedding"
+        return (f"Readout({self.kind!r}, {norm}, {head}, d_vocab={self.model.cfg.d_vocab}, "
+                f"model={os.path.basename(os.path.normpath(self.model.path))!r})")
 
     # -- the linear map A and the offset c --------------------------------------------
     def normalise(self, V: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ HEX64 = re.compile(r"[0-9a-f]{64}$")
 def verify(model_dir: str, notes: list | None = None) -> list[str]:
     """Problems found, one line each (empty list: every recorded file matches). Lines that are
     not problems (e.g. an interrupted `prepare` left an incomplete cache entry) go to `notes`."""
-    cfg = read_config(model_dir)
+    from .model import check_converted
+    cfg = read_config(check_converted(model_dir))
     files = cfg.extra.get("files")
     if not isinstance(files, dict) or not files:
         raise FormatError(f"{model_dir}/config.json: records no file hashes to verify against")
