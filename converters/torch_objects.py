@@ -270,7 +270,7 @@ def _plain(x, memo: dict, active: set, depth: int):
     if key in active:
         raise FormatError("checkpoint object graph is cyclic; cannot convert it to plain data")
     if depth > MAX_PLAIN_DEPTH:
-        raise FormatError(f"checkpoint object is nested more than {MAX_PLAIN_DEPTH} levels deep; refused")
+        raise FormatError(f"checkpoint object is nested too deeply (more than {MAX_PLAIN_DEPTH} levels); refused")
     if len(memo) >= MAX_PLAIN_NODES:
         raise FormatError(f"checkpoint object has more than {MAX_PLAIN_NODES} containers; refused")
     active.add(key)
