@@ -84,7 +84,8 @@ def test_fifo_in_a_source_folder_does_not_hang(tmp_path, name):
     src = hf_gpt2_dir(tmp_path / "src")
     (src / name).unlink()
     os.mkfifo(src / name)
-    expect_refused(["convert", src, tmp_path / "out"], name)
+    fmt = ["--format", "meta-llama"] if kind == "meta" else []     # a FIFO params.json is no Meta folder to detection
+    expect_refused(["convert", src, tmp_path / "out", *fmt], name)
     assert not (tmp_path / "out").exists()
 
 
@@ -218,3 +219,21 @@ def test_a_very_deep_fairseq_config_is_refused(tmp_path):
         ck["cfg"]["model"]["notes"] = x
     src = _fairseq_with_cfg(tmp_path, deep)
     expect_refused(["convert", src, tmp_path / "out"], "model.pt", timeout=60)
+
+
+@pytest.mark.parametrize("kind,name", [("meta", "params.json"), ("meta", "tokenizer.model"),
+                                       ("hf", "tokenizer.model"), ("fairseq", "dict.txt")])
+def test_fifo_among_any_source_files_does_not_hang(tmp_path, kind, name):
+    from tests.test_robustness import hf_llama_dir, meta_dir
+    if kind == "meta":
+        src = meta_dir(tmp_path / "src")
+    elif kind == "hf":
+        src = hf_llama_dir(tmp_path / "src")
+    else:
+        src = tmp_path / "src"
+        shutil.copytree(FIXTURES / "fairseq_tiny" / "new", src)
+    (src / name).unlink()
+    os.mkfifo(src / name)
+    fmt = ["--format", "meta-llama"] if kind == "meta" else []     # a FIFO params.json is no Meta folder to detection
+    expect_refused(["convert", src, tmp_path / "out", *fmt], name)
+    assert not (tmp_path / "out").exists()

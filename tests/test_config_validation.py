@@ -146,10 +146,16 @@ def _rewrite(path, edit):
     write_safetensors(str(path), [spec_of(n, arrays[n]) for n in names], ((n, arrays[n]) for n in names), meta)
 
 
-def test_a_tensor_the_config_does_not_explain(capfd, llama4):
+def test_a_tensor_the_config_does_not_explain(tmp_path, capfd, llama4):
     _rewrite(llama4 / "model.safetensors", lambda a: {**a, "ln_final.b": np.zeros(16, np.float32)})
     rc, _, err = cli(capfd, "layers", "--model", llama4, "--ids", "1,2,3")
-    assert_one_error_line(rc, err, "ln_final.b", "not used")
+    assert_one_error_line(rc, err, "ln_final.b", "not used")             # an RMSNorm has no bias
+    g = tmp_path / "g"                                                   # tied embeddings: no unembed.W_U stored
+    write_random_model(str(g), random_config("gpt2", d_vocab=20, n_ctx=8, n_layers=1), seed=1)
+    _rewrite(g / "model.safetensors", lambda a: {**a, "unembed.W_U": np.zeros((16, 20), np.float32),
+                                                 "blocks.0.attn.W_extra": np.zeros(2, np.float32)})
+    rc, _, err = cli(capfd, "layers", "--model", g, "--ids", "1,2,3")
+    assert_one_error_line(rc, err, "W_extra", "and 1 more", "not used")
 
 
 def test_bias_flags_must_match_the_tensors(capfd, llama4):
