@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from . import bounds, display, output, tracing
+from .config import short
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
@@ -67,6 +68,8 @@ def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, ta
         return int(np.argmax(log_probs_t))
     if target == "":
         raise RefimplError("empty target")
+    if len(target) > 1000:                   # no vocabulary token is this long; do not tokenize megabytes
+        raise RefimplError(f"target {short(target, 80)} ({len(target)} characters) is not a single token")
     tid = single_token(model, target)
     if tid is None:
         enc = model._tok("encode the target", lambda t: t.encode(target, add_special_tokens=False))
@@ -75,25 +78,27 @@ def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, ta
             i = single_token(model, f)
             if i is not None and i not in [j for _, j in near]:
                 near.append((f, i))
-        hint = ("; single-token forms nearby: " + ", ".join(f"{f!r} (id {i})" for f, i in near[:4])
+        hint = ("; single-token forms nearby: " + ", ".join(f"{short(f, 40)} (id {i})" for f, i in near[:4])
                 if near else "; no single-token form of it nearby (give --target-id)")
+        shown = short(target, 80)
         if enc.ids and all(i == model.unk_id for i in enc.ids):
-            raise RefimplError(f"target {target!r} is not in the vocabulary: it tokenizes as the unknown token "
+            raise RefimplError(f"target {shown} is not in the vocabulary: it tokenizes as the unknown token "
                                f"{_show(model, enc.ids[0])}{hint}")
         pieces = " ".join(f"{t!r}({i})" + ("[unknown]" if i == model.unk_id else "")
-                          for t, i in zip(enc.tokens, enc.ids))
-        raise RefimplError(f"target {target!r} is not a single token: it tokenizes as {pieces or 'nothing'}{hint}")
+                          for t, i in zip(enc.tokens[:12], enc.ids[:12]))
+        more = f" ... ({len(enc.ids)} tokens)" if len(enc.ids) > 12 else ""
+        raise RefimplError(f"target {shown} is not a single token: it tokenizes as {pieces or 'nothing'}{more}{hint}")
     if notes is not None:
         alt = target.lstrip(" ") if target.startswith(" ") else " " + target
         j = single_token(model, alt)
         if j is not None and j != tid:
-            notes.append(f"target {target!r} is token {_show(model, tid)}; {alt!r} "
+            notes.append(f"target {short(target, 80)} is token {_show(model, tid)}; {alt!r} "
                          f"({'without' if target.startswith(' ') else 'with'} the leading space) is a different "
                          f"token, {_show(model, j)}")
         piece = model._tok("look up the target", lambda t: t.token_to_id(target))
         if piece is not None and int(piece) != tid and 0 <= int(piece) < model.cfg.d_vocab and j != int(piece):
-            notes.append(f"target {target!r} as text is token {_show(model, tid)}; the vocabulary piece "
-                         f"{target!r} itself is a different token, id {int(piece)} (give --target-id to use it)")
+            notes.append(f"target {short(target, 80)} as text is token {_show(model, tid)}; the vocabulary piece "
+                         f"{short(target, 80)} itself is a different token, id {int(piece)} (give --target-id to use it)")
     return tid
 
 
@@ -102,7 +107,7 @@ def prompt_warnings(model, prompt) -> list[str]:
     if not isinstance(prompt, str):
         return []
     unk = model.unk_id
-    return [f"prompt word {word!r} is not in the vocabulary: it became the unknown token "
+    return [f"prompt word {short(word, 80)} is not in the vocabulary: it became the unknown token "
             f"{_show(model, unk)} at position {pos}" for pos, word in model.unknown_words(prompt)]
 
 
