@@ -21,7 +21,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from refimpl.cli import main
@@ -190,6 +190,9 @@ def test_random_argument_lists(world, monkeypatch):
 
     @FUZZ
     @given(argv=argv_lists(world))
+    @example(argv=["locate", "--ids", "1,99999999999999999999"])          # regressions, always run
+    @example(argv=["predict", "--ids=-99999999999999999999,1", "--json"])
+    @example(argv=["compare", world / "inputs" / "a.safetensors", world / "inputs" / "b.safetensors", "--rtol", "nan"])
     def check(argv):
         before = snapshot(world, skip)
         rc, out, err = run(argv)
