@@ -236,10 +236,10 @@ def clean_stale(dst: str) -> None:
         entries = os.listdir(parent)
     except OSError:
         return
+    ours = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-[0-9a-f]{{8}}$")     # exactly the names this writer makes
     for e in sorted(entries):
         p = os.path.join(parent, e)
-        if not (e.startswith(f".{name}.tmp-") or e.startswith(f".{name}.old-")) or os.path.islink(p) \
-                or not os.path.isdir(p):
+        if not ours.match(e) or os.path.islink(p) or not os.path.isdir(p):
             continue
         try:
             extra = unknown_entries(p)

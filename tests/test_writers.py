@@ -433,3 +433,17 @@ def test_write_new_file_is_atomic_and_no_clobber(tmp_path):
     with pytest.raises(RefimplError, match="appeared"):       # a file appears while we write: kept
         write_new_file(p, lambda f: (f.write(b"two"), p.write_bytes(b"theirs")))
     assert p.read_bytes() == b"theirs" and sorted(os.listdir(tmp_path)) == ["x.bin"]
+
+
+def test_temporary_folders_of_other_destinations_are_not_touched(tmp_path, capfd):
+    """DST `m` must not take `.m.tmp-x.tmp-1234abcd` (the live temporary folder of a conversion into
+    `m.tmp-x`, under another lock) for one of its own stale folders."""
+    model, tok = llama2c_files(tmp_path)
+    out = tmp_path / "outputs"
+    other = out / ".m.tmp-x.tmp-1234abcd"
+    other.mkdir(parents=True)
+    (other / ".refimpl-partial").write_text("refimpl conversion into m.tmp-x")
+    (other / "config.json").write_text("{}")
+    before = tree(other)
+    assert cli(capfd, "convert", model, out / "m", "--tokenizer", tok)[0] == 0
+    assert tree(other) == before
