@@ -61,7 +61,11 @@ def common(p, target=True):
     p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--position", type=int, default=None, help="analysed position (default: last)")
-    p.add_argument("--readout", default="frozen", choices=["frozen", "raw", "lens"])
+    p.add_argument("--readout", default="frozen", choices=["frozen", "frozen-nobias", "raw", "lens"],
+                   help="vocabulary readout (default frozen: the final norm's scale frozen at the analysed "
+                        "position, its bias kept, so the final state reads as the model's own log-probabilities; "
+                        "frozen-nobias: the authors' published convention, final LayerNorm bias dropped; "
+                        "raw: no final norm; lens: each vector normalised on its own)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     if target:
         p.add_argument("--target", default=None, help="target token (must be a single token)")

@@ -15,11 +15,12 @@ import time
 import numpy as np
 
 from . import bounds, tracing
+from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
 from .significance import layer_significance
-from .topk import ffn_counts, top_attn_subvalues, top_ffn_subvalues
+from .topk import ffn_counts, top_attn_neurons, top_attn_subvalues, top_ffn_subvalues
 
 N_TOP_TOKENS = 10
 AUTO_COUNTS_COST = 1e11     # embedded model 2.7e8, stories260K 2.8e7; GPT2-medium 5e12 (opt in with --counts yes)
@@ -82,10 +83,14 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     att = top_attn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
     attn = [(int(i), int(j)) for i, j in zip(att["layer"], att["position"])]
     ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
+    # attention neurons (head, head dimension, source position): the authors' finer unit
+    an = top_attn_neurons(trace, w, t, top, R, exhaustive=exhaustive)
     # vocabulary views of all chosen subvalues (and of the bare fc2 rows) in one product
     vecs = [trace.attn_subvalues(i, t, "position")[j] for i, j in attn]
     vecs += [trace.ffn_subvalues(int(i), t, [int(k)])[0] for i, k in zip(ffn["layer"], ffn["neuron"])]
     vecs += [model.rows(f"blocks.{int(i)}.mlp.W_out", int(k)) for i, k in zip(ffn["layer"], ffn["neuron"])]
+    vecs += [attn_neuron_subvalues(trace, int(i), t, [h], [e], [j])[0]
+             for i, h, e, j in zip(an["layer"], an["head"], an["dim"], an["position"])]
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
     toks = lambda row: [model.token_str(x) for x in top_ids(row, N_TOP_TOKENS)]
     tops = [{"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
@@ -98,9 +103,18 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         tops.append({"kind": "ffn", "layer": int(i), "index": int(k), "log_prob_increase": float(c),
                      "prob_increase": float(p), "target_rank": rank_of(row, w), "target_rank_in_fc2": rank_of(fc2, w),
                      "coefficient": float(trace.layers[int(i)].m[t, int(k)]), "top_tokens": toks(row)})
+    base = len(attn) + 2 * nf
+    for n, (i, h, e, j, c, p) in enumerate(zip(an["layer"], an["head"], an["dim"], an["position"],
+                                                an["log_prob_increase"], an["prob_increase"])):
+        row = bs[base + n]
+        tops.append({"kind": "attn_neuron", "layer": int(i), "head": int(h), "dim": int(e), "position": int(j),
+                     "source_token": trace.tokens[int(j)], "log_prob_increase": float(c), "prob_increase": float(p),
+                     "coefficient": float(attn_neuron_coefficients(trace, int(i), t)[h, e, j]),
+                     "target_rank": rank_of(row, w), "top_tokens": toks(row)})
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
+    result["attn_neuron_scored"] = int(an["scored"])
     if counts == "auto":
         counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST or \
             (R.kind != "lens" and bounds.ranges_ready(R))
@@ -154,12 +168,16 @@ def format_report(r: dict) -> str:
         lines.append(f"{L['layer']:>5}  {a['log_prob_increase']:>10.4f} {a['prob_increase']:>9.4f}  "
                      f"{f['log_prob_increase']:>10.4f} {f['prob_increase']:>9.4f}")
     for kind, title in (("attn", "attention subvalues (layer, source position; heads summed)"),
-                        ("ffn", "FFN subvalues (layer, neuron)")):
+                        ("ffn", "FFN subvalues (layer, neuron)"),
+                        ("attn_neuron", "attention neurons (layer, head, head dimension, source position)")):
+        if not any(x["kind"] == kind for x in r["top_subvalues"]):
+            continue
         lines.append("")
         lines.append(f"top {title}:")
         for s in (x for x in r["top_subvalues"] if x["kind"] == kind):
-            where = f"L{s['layer']} pos {s['index']} {s['source_token']!r}" if kind == "attn" \
-                else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}"
+            where = (f"L{s['layer']} pos {s['index']} {s['source_token']!r}" if kind == "attn"
+                     else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}" if kind == "ffn"
+                     else f"L{s['layer']} h{s['head']} d{s['dim']} pos {s['position']} {s['source_token']!r}")
             extra = f" fc2-rank {s['target_rank_in_fc2']}" if kind == "ffn" else ""
             lines.append(f"  {where:<28} logp {s['log_prob_increase']:+.4f}  p {s['prob_increase']:+.4f}  "
                          f"target rank {s['target_rank']}{extra}  top: {' '.join(repr(x) for x in s['top_tokens'][:8])}")
@@ -184,6 +202,6 @@ def format_report(r: dict) -> str:
             for s in ts["subvalues"]:
                 lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
     lines.append("")
-    lines.append(f"({r['ffn_scored']} FFN and {r['attn_scored']} attention subvalues scored exactly for the top-K; "
-                 f"{r['seconds']:.2f} s)")
+    lines.append(f"({r['ffn_scored']} FFN subvalues, {r['attn_scored']} attention subvalues and "
+                 f"{r['attn_neuron_scored']} attention neurons scored exactly for the top-K; {r['seconds']:.2f} s)")
     return "\n".join(lines)

@@ -9,6 +9,10 @@ x_f, which keeps every projection linear:
     bs(x) = A(x) + c   for a residual state x;   bs-values of a subvalue v = A(v)   (Eq. 15)
 
 so bs(Lout_{L-1}[t]) are exactly the model's logits and the layer scores telescope.
+`frozen-nobias` is the convention of the authors' published notebooks: the same frozen
+map A, but the final LayerNorm's bias beta is dropped from the offset (c = b_U), so the
+readout of the final residual is not the model's distribution (docs/design-choices.md);
+it differs from `frozen` only where the final norm has a bias (LayerNorm with beta).
 `raw` is E x with no norm (the paper's equations literally); `lens` applies the final
 norm with each vector's own statistics (the logit lens; not additive).
 
@@ -25,7 +29,7 @@ import numpy as np
 from . import nn
 from .errors import RefimplError
 
-READOUTS = ("frozen", "raw", "lens")
+READOUTS = ("frozen", "frozen-nobias", "raw", "lens")
 
 
 class Head:
@@ -135,7 +139,7 @@ def final_log_probs(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None
 
 
 class Readout:
-    """Vocabulary readout at one analysed position (kind: frozen, raw or lens).
+    """Vocabulary readout at one analysed position (kind: frozen, frozen-nobias, raw or lens).
 
     `bs(v)`        bs-values A(v) of vectors v [..., d] (Eq. 15's linear part)
     `offset`       c, added for residual states: bs(x) = A(x) + c
@@ -177,7 +181,8 @@ class Readout:
 
     def state_input(self, X: np.ndarray) -> np.ndarray:
         """What the head reads for residual states X [..., d]: the normalised state plus the
-        final norm's bias beta (frozen LayerNorm), i.e. everything of bs(x) but E and b_U."""
+        final norm's bias beta (frozen LayerNorm; not for frozen-nobias, which drops beta),
+        i.e. everything of bs(x) but E and b_U."""
         y = self.normalise(np.asarray(X, self.model.dtype))
         if self.kind == "frozen" and self.centre and self.beta is not None:
             y = y + self.beta
@@ -190,7 +195,7 @@ class Readout:
 
     @property
     def offset(self) -> np.ndarray:
-        """c = W_U^T beta + b_U (frozen LayerNorm), b_U (raw), zeros otherwise."""
+        """c = W_U^T beta + b_U (frozen LayerNorm), b_U (raw, frozen-nobias), zeros otherwise."""
         if self._offset is None:
             zero = np.zeros(self.model.cfg.d_model, self.model.dtype)
             self._offset = self._state(zero)[0] if self.kind != "lens" else np.zeros(self.model.cfg.d_vocab)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import bounds
+from . import decomposition as dec
 from .significance import (as_readout, attn_position_significance_all_layers, ffn_layer_summary,
                            ffn_subvalue_significance)
 
@@ -107,6 +108,53 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
     upper = np.einsum("lnd,ld->ln", sv, g).ravel()                              # [L * (t+1)]
     lay, ps, c, p, scored = _branch_and_bound(upper, layer, pos, k, score, batch)
     return {"layer": lay, "position": ps, "log_prob_increase": c, "prob_increase": p, "scored": scored}
+
+
+def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
+                     batch: int = 64) -> dict:
+    """The k attention-neuron subvalues alpha_h[t, j] v_h[j, e] O_h[e] (head h, head dimension e,
+    source position j; decomposition.py) with the largest log-probability increase over their
+    bases Lin_i, over all layers. The same branch and bound as for FFN subvalues: the Jensen
+    bound C(v) <= g_i . v is, for these vectors, (alpha_h[t, j] v_h[j, e]) * (O_h[e] . g_i), so
+    every bound costs one product W_O g_i per layer and only the visited neurons are built and
+    scored. Returns {"layer", "head", "dim", "position", "log_prob_increase", "prob_increase",
+    "scored"} (best first; ties: lower layer, head, dim, position first)."""
+    R = as_readout(trace, t, readout)
+    t = t % trace.T
+    cfg, L, n_pos = trace.model.cfg, len(trace.layers), t + 1
+    per_layer = cfg.n_heads * cfg.d_head * n_pos                                # (h, e, j) flattened
+    bases = np.array([Lt.lin[t] for Lt in trace.layers])                        # [L, d]
+    if exhaustive or R.kind == "lens":
+        cs, ps = [], []
+        for i in range(L):
+            sv = trace.attn_subvalues(i, t, "head_neuron_position").reshape(per_layer, -1)   # [H*dh*(t+1), d]
+            c, p = R.increase(bases[i:i + 1], np.zeros(per_layer, dtype=np.int64), sv, w)
+            cs.append(c)
+            ps.append(p)
+        c, p = np.concatenate(cs), np.concatenate(ps)
+        layer, idx = np.divmod(np.arange(len(c)), per_layer)
+        order = _sort_key(c, layer, idx)[:k]
+        lay, idx, c, p, scored = layer[order], idx[order], c[order], p[order], len(c)
+    else:
+        g = bounds.g_vector(R, bases, w)                                        # [L, d]
+        coef = np.array([dec.attn_neuron_coefficients(trace, i, t) for i in range(L)])   # [L, H, dh, t+1]
+        og = np.array([trace.model.weight(f"blocks.{i}.attn.W_O") @ g[i] for i in range(L)])   # [L, H, dh]
+        upper = (coef * og[..., None]).reshape(L * per_layer)
+        layer, idx = np.divmod(np.arange(L * per_layer), per_layer)
+
+        def score(li, ni):
+            h, rest = np.divmod(ni, cfg.d_head * n_pos)
+            e, j = np.divmod(rest, n_pos)
+            V = np.empty((len(ni), cfg.d_model), trace.model.dtype)             # [n, d]
+            for i in np.unique(li):
+                sel = np.flatnonzero(li == i)
+                V[sel] = dec.attn_neuron_subvalues(trace, int(i), t, h[sel], e[sel], j[sel])
+            return R.increase(bases, li, V, w)
+        lay, idx, c, p, scored = _branch_and_bound(upper, layer, idx, k, score, batch)
+    h, rest = np.divmod(idx, cfg.d_head * n_pos)
+    e, j = np.divmod(rest, n_pos)
+    return {"layer": lay, "head": h, "dim": e, "position": j, "log_prob_increase": c, "prob_increase": p,
+            "scored": int(scored)}
 
 
 def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = False) -> list[dict]:

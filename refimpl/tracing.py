@@ -54,8 +54,12 @@ def source_subvalues(trace, source: str, t: int, by: str = "position") -> tuple[
             labels = [f"attn.{j}.pos{p}:{toks[p]!r}" for p in range(sv.shape[0])]
         elif by == "head":
             labels = [f"attn.{j}.head{h}" for h in range(sv.shape[0])]
-        else:
+        elif by == "head_position":
             labels = [f"attn.{j}.head{h}.pos{p}:{toks[p]!r}" for h in range(sv.shape[0]) for p in range(sv.shape[1])]
+            sv = sv.reshape(-1, sv.shape[-1])
+        else:                                                               # head_neuron_position
+            labels = [f"attn.{j}.head{h}.dim{e}.pos{p}:{toks[p]!r}" for h in range(sv.shape[0])
+                      for e in range(sv.shape[1]) for p in range(sv.shape[2])]
             sv = sv.reshape(-1, sv.shape[-1])
         return labels + [f"attn.{j}.bias"], np.vstack([sv, trace.attn_bias_subvalue(j)[None]])
     if kind == "ffn":
