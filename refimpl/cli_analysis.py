@@ -53,22 +53,32 @@ def cmd_layers(p, args=None):
     emit(args, {"target": w, "position": t, "layers": rows}, "\n".join(text))
 
 
+# --by for attention subvalues: CLI spelling -> Trace.attn_subvalues' `by`, and what the array axes index
+ATTN_BY = {"position": "position", "head": "head", "head_position": "head_position",
+           "head-neuron": "head_neuron_position"}
+ATTN_INDEX = {"position": ["position"], "head": ["head"], "head_position": ["head", "position"],
+              "head_neuron_position": ["head", "dim", "position"]}
+
+
 @command("subvalues", "subvalue significance of one layer (attention by position/head, or FFN neurons)")
 def cmd_subvalues(p, args=None):
     if args is None:
         common(p)
         p.add_argument("--layer", type=int, required=True)
         p.add_argument("--kind", choices=["attn", "ffn"], default="ffn")
-        p.add_argument("--by", choices=["position", "head", "head_position"], default="position")
+        p.add_argument("--by", choices=list(ATTN_BY), default="position",
+                       help="attention subvalues by source position (default; heads summed), head, "
+                            "head_position, or head-neuron (head, head dimension, source position)")
         p.add_argument("--top", type=positive_int, default=10)
         return
     from .significance import attn_subvalue_significance, ffn_layer_summary, ffn_subvalue_significance
     model, trace, t, w, R = prepare(args)
     check_layer(model, args.layer)
     if args.kind == "attn":
-        s = attn_subvalue_significance(trace, args.layer, w, t, args.by, R)
+        by = ATTN_BY[args.by]
+        s = attn_subvalue_significance(trace, args.layer, w, t, by, R)
         c, pinc = s["log_prob_increase"], s["prob_increase"]
-        obj = {"log_prob_increase": c, "prob_increase": pinc, "bias": s["bias"]}
+        obj = {"by": by, "index": ATTN_INDEX[by], "log_prob_increase": c, "prob_increase": pinc, "bias": s["bias"]}
     else:
         c, pinc = ffn_subvalue_significance(trace, args.layer, w, t, readout=R)
         obj = {"log_prob_increase": c, "prob_increase": pinc,
@@ -76,7 +86,9 @@ def cmd_subvalues(p, args=None):
     flat = c.reshape(-1)
     order = np.argsort(-flat, kind="stable")[:args.top]
     idx = [np.unravel_index(j, c.shape) for j in order]
-    text = [f"layer {args.layer} {args.kind} subvalues for target {model.token_str(w)!r} (index, logp increase, p increase):"]
+    index = ", ".join(obj.get("index", ["neuron"]))
+    text = [f"layer {args.layer} {args.kind} subvalues for target {model.token_str(w)!r} "
+            f"(({index}), logp increase, p increase):"]
     text += [f"  {tuple(int(x) for x in ix)!s:<12} {c[ix]:+.5f} {pinc[ix]:+.5f}" for ix in idx]
     if args.kind == "ffn":
         text.append(f"  summary: {obj['summary']}")
@@ -167,7 +179,9 @@ def cmd_trace(p, args=None):
         p.add_argument("--neuron", type=int, required=True)
         p.add_argument("--which", choices=["in", "gate"], default=None, help="subkey (default: gate and in for SwiGLU)")
         p.add_argument("--source", default=None, help="split one source vector (attn.J, ffn.J, emb.token) into its subvalues")
-        p.add_argument("--by", choices=["position", "head", "head_position"], default="position")
+        p.add_argument("--by", choices=list(ATTN_BY), default="position",
+                       help="how --source attn.J is split: by source position (default), head, head_position "
+                            "or head-neuron (head, head dimension, source position)")
         return
     from . import tracing
     args.target = args.target_id = None
@@ -178,7 +192,7 @@ def cmd_trace(p, args=None):
     out, text = [], []
     for which in whiches:
         if args.source:
-            r = tracing.trace_source(trace, args.layer, args.neuron, args.source, t, which, args.by)
+            r = tracing.trace_source(trace, args.layer, args.neuron, args.source, t, which, ATTN_BY[args.by])
             order = np.argsort(-np.abs(r["values"]), kind="stable")[:15]
             text.append(f"{which} subkey: {args.source} contributes {r['total']:+.5f}; by subvalue:")
             text += [f"  {r['labels'][j]:<28} {r['values'][j]:+.5f}" for j in order]

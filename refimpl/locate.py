@@ -107,7 +107,8 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     for n, (i, h, e, j, c, p) in enumerate(zip(an["layer"], an["head"], an["dim"], an["position"],
                                                 an["log_prob_increase"], an["prob_increase"])):
         row = bs[base + n]
-        tops.append({"kind": "attn_neuron", "layer": int(i), "head": int(h), "dim": int(e), "position": int(j),
+        tops.append({"kind": "attn_neuron", "layer": int(i), "index": int(h * model.cfg.d_head + e),   # row of W_O
+                     "head": int(h), "dim": int(e), "position": int(j),
                      "source_token": trace.tokens[int(j)], "log_prob_increase": float(c), "prob_increase": float(p),
                      "coefficient": float(attn_neuron_coefficients(trace, int(i), t)[h, e, j]),
                      "target_rank": rank_of(row, w), "top_tokens": toks(row)})
