@@ -83,6 +83,15 @@ def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen",
     return {"layer": lay, "neuron": neu, "log_prob_increase": c, "prob_increase": p, "scored": scored}
 
 
+def _lin_g(trace, R, t: int, w: int, bases: np.ndarray) -> np.ndarray:
+    """g_i for every layer's base Lin_i[t] [L, d] (bounds.g_vector), memoised per trace: the
+    attention top-K by position and by neuron share it."""
+    memo, key = R.trace_memo(trace), ("g_lin", t % trace.T, int(w))
+    if key not in memo:
+        memo[key] = bounds.g_vector(R, bases, w)
+    return memo[key]
+
+
 def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
                        batch: int = 32) -> dict:
     """The k attention subvalues by source position (heads summed, Eq. 7) with the largest
@@ -104,7 +113,7 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
 
     def score(li, pi):
         return R.increase(bases, li, sv[li, pi], w)
-    g = bounds.g_vector(R, bases, w)                                            # [L, d]
+    g = _lin_g(trace, R, t, w, bases)                                           # [L, d]
     upper = np.einsum("lnd,ld->ln", sv, g).ravel()                              # [L * (t+1)]
     lay, ps, c, p, scored = _branch_and_bound(upper, layer, pos, k, score, batch)
     return {"layer": lay, "position": ps, "log_prob_increase": c, "prob_increase": p, "scored": scored}
@@ -136,7 +145,7 @@ def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", 
         order = _sort_key(c, layer, idx)[:k]
         lay, idx, c, p, scored = layer[order], idx[order], c[order], p[order], len(c)
     else:
-        g = bounds.g_vector(R, bases, w)                                        # [L, d]
+        g = _lin_g(trace, R, t, w, bases)                                       # [L, d]
         coef = np.array([dec.attn_neuron_coefficients(trace, i, t) for i in range(L)])   # [L, H, dh, t+1]
         og = np.array([trace.model.weight(f"blocks.{i}.attn.W_O") @ g[i] for i in range(L)])   # [L, H, dh]
         upper = (coef * og[..., None]).reshape(L * per_layer)
