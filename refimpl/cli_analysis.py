@@ -242,14 +242,18 @@ def cmd_compare_tokens(p, args=None):
 def cmd_baseline(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--top", type=positive_int, default=10)
+        p.add_argument("--top", type=positive_int, default=10, help="K subvalues in each ranking (default 10)")
+        p.add_argument("--signed", action="store_true",
+                       help="rank by m x ||fc2|| (negative coefficients last) instead of the paper's |m| x ||fc2|| "
+                            "(Table 4; the default)")
         return
     from .baseline import compare_rankings
     model, trace, t, w, R = prepare(args)
-    r = compare_rankings(trace, w, t, args.top, R)
+    r = compare_rankings(trace, w, t, args.top, R, signed=args.signed)
     text = []
     for key in ("by_log_prob_increase", "by_coef_x_norm"):
-        text.append(f"{key.replace('_', ' ')}:")
-        text += [f"  L{x['layer']} n{x['neuron']:<6} logp {x['log_prob_increase']:+.4f}  coef*norm {x['coef_x_norm']:+.4f}  "
-                 f"target rank {x['target_rank']}" for x in r[key]]
+        text.append("by log-probability increase:" if key == "by_log_prob_increase" else f"by {r['score']}:")
+        text += [f"  L{x['layer']} n{x['neuron']:<6} logp {x['log_prob_increase']:+.4f}  m {x['coefficient']:+.4f}  "
+                 f"||fc2|| {x['fc2_norm']:.4f}  {r['score']} {x['coef_x_norm']:+.4f}  target rank {x['target_rank']}"
+                 for x in r[key]]
     emit(args, r, "\n".join(text))
