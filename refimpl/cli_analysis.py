@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cli_common import check_layer, check_neuron, command, common, emit, open_model, parse_ids, positive_int, prepare
+from .cli_common import (check_layer, check_neuron, command, common, emit, open_model, positive_int, prepare,
+                         prompt_source)
 from .errors import RefimplError
 
 
@@ -21,19 +22,22 @@ def cmd_locate(p, args=None):
                        help="per-layer helpful/unhelpful counts (auto: on small models, after "
                             "`refimpl prepare`, and with --exhaustive)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
+        p.add_argument("--versus", default=None, metavar="TOKEN",
+                       help="compare the target's bs-value with this token (Fig. 10-11; a single token; "
+                            "default: the runner-up, the most probable other token)")
+        p.add_argument("--versus-id", type=int, default=None, metavar="ID", help="the same, by token id")
         return
     from .locate import format_report, locate
     model = open_model(args)
-    if args.ids is not None and args.prompt is not None:
-        raise RefimplError("give either PROMPT or --ids, not both")
-    src = parse_ids(args.ids) if args.ids is not None else args.prompt
-    if src is None:
-        raise RefimplError("no prompt given (PROMPT or --ids)")
+    src = prompt_source(args)
+    if args.versus is not None and args.versus_id is not None:
+        raise RefimplError("give either --versus or --versus-id, not both")
     if args.plots:
         from .plots import require_matplotlib
         require_matplotlib()
     r = locate(model, src, target=args.target, target_id=args.target_id, position=args.position, top=args.top,
-               readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts])
+               readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts],
+               versus=args.versus, versus_id=args.versus_id, prepend_bos=args.prepend_bos)
     if args.plots:
         from .plots import write_figures
         r["figures"] = write_figures(model, src, r, args.plots)

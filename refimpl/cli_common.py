@@ -58,6 +58,7 @@ def open_model(args):
 def common(p, target=True):
     p.add_argument("prompt", nargs="?", default=None, help="text prompt (tokenized with the family's start token)")
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of PROMPT, used verbatim")
+    add_prepend_bos(p)
     p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--position", type=int, default=None, help="analysed position (default: last)")
@@ -72,16 +73,30 @@ def common(p, target=True):
         p.add_argument("--target-id", type=int, default=None, help="target token id")
 
 
+def add_prepend_bos(p):
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the tokenizer's start token before a text PROMPT (--no-prepend-bos: nothing). "
+                        "Default: the family's convention: nothing for GPT-2 (as the authors' code and the "
+                        "embedded model's training), BOS for Llama, </s> for fairseq")
+
+
+def prompt_source(args):
+    """The prompt text or the --ids list from the common options (one error line otherwise)."""
+    if args.ids is not None and args.prompt is not None:
+        raise RefimplError("give either PROMPT or --ids, not both")
+    if args.ids is None and args.prompt is None:
+        raise RefimplError("no prompt given (PROMPT or --ids)")
+    if args.ids is not None and getattr(args, "prepend_bos", None) is not None:
+        raise RefimplError("--prepend-bos/--no-prepend-bos apply to a text PROMPT; --ids are used verbatim")
+    return parse_ids(args.ids) if args.ids is not None else args.prompt
+
+
 def prepare(args):
     """(model, trace, t, w, readout) from the common options."""
     from .forward import run
     from .locate import resolve_position, resolve_target
     model = open_model(args)
-    if args.ids is not None and args.prompt is not None:
-        raise RefimplError("give either PROMPT or --ids, not both")
-    if args.ids is None and args.prompt is None:
-        raise RefimplError("no prompt given (PROMPT or --ids)")
-    trace = run(model, parse_ids(args.ids) if args.ids is not None else args.prompt)
+    trace = run(model, prompt_source(args), getattr(args, "prepend_bos", None))
     t = resolve_position(trace, args.position)
     w = resolve_target(model, trace.log_probs[t], getattr(args, "target", None), getattr(args, "target_id", None))
     return model, trace, t, w, trace.readout(t, args.readout)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .cli_common import command, open_model, parse_ids, positive_int
+from .cli_common import add_prepend_bos, command, open_model, parse_ids, positive_int
 from .errors import RefimplError
 
 
@@ -46,6 +46,7 @@ def cmd_predict(p, args=None):
     if args is None:
         p.add_argument("prompt", nargs="?", default=None)
         p.add_argument("--ids", default=None, help="comma-separated token ids, used verbatim")
+        add_prepend_bos(p)
         p.add_argument("--model", default=None, help="converted model directory")
         p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
         p.add_argument("--top", type=positive_int, default=10)
@@ -53,7 +54,9 @@ def cmd_predict(p, args=None):
         return
     from .forward import forward, run
     model = open_model(args)
-    ids = parse_ids(args.ids) if args.ids else model.encode(args.prompt or "")
+    if args.ids and args.prepend_bos is not None:
+        raise RefimplError("--prepend-bos/--no-prepend-bos apply to a text PROMPT; --ids are used verbatim")
+    ids = parse_ids(args.ids) if args.ids else model.encode(args.prompt or "", args.prepend_bos)
     if args.generate:
         out = list(ids)
         for _ in range(args.generate):

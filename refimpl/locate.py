@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from . import bounds, tracing
+from .compare import bs_difference_changes
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
 from .forward import run
@@ -58,20 +59,37 @@ def _top_tokens(model, R, v) -> list[str]:
     return [model.token_str(i) for i in top_ids(R.bs(v), N_TOP_TOKENS)]
 
 
+def resolve_versus(model, log_probs_t: np.ndarray, w: int, versus=None, versus_id=None) -> tuple[int, str]:
+    """The token the target's bs-value is compared with (Fig. 10-11): --versus / --versus-id, or
+    the runner-up (the most probable token other than the target). Returns (id, how chosen)."""
+    if versus is None and versus_id is None:
+        order = np.argsort(-log_probs_t, kind="stable")
+        return int(order[0] if order[0] != w else order[1]), "runner-up"
+    b = resolve_target(model, log_probs_t, versus, versus_id)
+    if b == w:
+        raise RefimplError(f"--versus {model.token_str(b)!r} is the target itself; choose another token")
+    return b, "--versus"
+
+
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
-           readout: str = "frozen", exhaustive: bool = False, counts="auto") -> dict:
+           readout: str = "frozen", exhaustive: bool = False, counts="auto", versus=None, versus_id=None,
+           prepend_bos: bool | None = None) -> dict:
     """The report as a dict (the `--json` contract). counts: True, False or "auto" (the per-layer
     helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
     small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
-    has cached those ranges already)."""
+    has cached those ranges already). versus / versus_id: the token of the bs-value difference
+    (Fig. 10-11; default the runner-up). prepend_bos: the start token of a text prompt (None: the
+    family's convention, Model.start_ids)."""
     t0 = time.perf_counter()
-    trace = run(model, prompt_or_ids)
+    trace = run(model, prompt_or_ids, prepend_bos)
     t = resolve_position(trace, position)
     w = resolve_target(model, trace.log_probs[t], target, target_id)
+    if model.cfg.d_vocab > 1:
+        b, how = resolve_versus(model, trace.log_probs[t], w, versus, versus_id)
     R = trace.readout(t, readout)
     lp = trace.log_probs[t]
     result = {
-        "ids": [int(i) for i in trace.ids], "tokens": trace.tokens, "position": t,
+        "ids": [int(i) for i in trace.ids], "tokens": trace.tokens, "position": t, "prepend_bos": prepend_bos,
         "target": {"id": w, "token": model.token_str(w), "log_prob": float(lp[w]), "prob": float(np.exp(lp[w])),
                    "rank": rank_of(lp, w)},
         "prediction": {"id": int(np.argmax(lp)), "token": model.token_str(int(np.argmax(lp))),
@@ -127,6 +145,11 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
     if len(ffn["layer"]):
         result["activation_trace"] = activation_report(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t, R)
+    if model.cfg.d_vocab > 1:
+        d = bs_difference_changes(trace, w, b, t, R)
+        result["bs_difference"] = {"target": {"id": w, "token": model.token_str(w)},
+                                   "versus": {"id": b, "token": model.token_str(b), "chosen_by": how},
+                                   "start": d["start"], "end": d["end"], "layers": d["layers"]}
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -202,6 +225,13 @@ def format_report(r: dict) -> str:
             lines.append(f"  largest source {ts['source']}, by subvalue:")
             for s in ts["subvalues"]:
                 lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
+    if "bs_difference" in r:
+        d = r["bs_difference"]
+        how = "the runner-up; --versus to choose" if d["versus"]["chosen_by"] == "runner-up" else "--versus"
+        lines.append("")
+        lines.append(f"bs-value difference {d['target']['token']!r} - {d['versus']['token']!r} ({how}): "
+                     f"{d['start']:+.4f} at Lin_0, {d['end']:+.4f} at the end; change per layer (Fig. 10-11):")
+        lines += [f"  layer {x['layer']:>3}: attn {x['attn']:+.4f}  ffn {x['ffn']:+.4f}" for x in d["layers"]]
     lines.append("")
     lines.append(f"({r['ffn_scored']} FFN subvalues, {r['attn_scored']} attention subvalues and "
                  f"{r['attn_neuron_scored']} attention neurons scored exactly for the top-K; {r['seconds']:.2f} s)")

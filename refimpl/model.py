@@ -299,14 +299,31 @@ class Model:
         except BaseException as e:      # tokenizers: plain Exception, pyo3 PanicException (a BaseException)
             raise FormatError(f"{os.path.join(self.path, 'tokenizer.json')}: cannot {what} ({_first_line(e)})") from None
 
-    def encode(self, text: str) -> list[int]:
-        """Tokenize text and put the family's start ids in front (DESIGN.md section 3)."""
+    def start_ids(self, prepend_bos: bool | None = None) -> list[int]:
+        """The ids put in front of a text prompt. None: the family's convention (config.json
+        `prepend_ids`: none for GPT-2, BOS for Llama, `</s>` for fairseq); True: that start
+        token, or the tokenizer's BOS where the family has none (GPT-2's <|endoftext|>);
+        False: nothing (docs/design-choices.md)."""
+        if prepend_bos is None:
+            return list(self.cfg.prepend_ids)
+        if not prepend_bos:
+            return []
+        if self.cfg.prepend_ids:
+            return list(self.cfg.prepend_ids)
+        bos = self.cfg.special_tokens.get("bos")
+        if bos is None:
+            raise RefimplError(f"{self.path}: the tokenizer has no start (BOS) token to prepend")
+        return [int(bos)]
+
+    def encode(self, text: str, prepend_bos: bool | None = None) -> list[int]:
+        """Tokenize text and put the start ids in front (`start_ids`; DESIGN.md section 3)."""
         if not isinstance(text, str) or not text.strip():
             raise RefimplError("empty prompt")
+        start = self.start_ids(prepend_bos)
         ids = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False).ids)
-        if not ids and not self.cfg.prepend_ids:
+        if not ids and not start:
             raise RefimplError(f"the prompt {text[:60]!r} tokenizes to no tokens")
-        return list(self.cfg.prepend_ids) + list(ids)
+        return start + list(ids)
 
     def token_str(self, i: int) -> str:
         """How token i reads: its decoded text (falls back to the raw piece)."""

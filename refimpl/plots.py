@@ -236,7 +236,7 @@ DRAW = {"layer_significance": _draw_layers, "ffn_counts": _draw_counts, "top10_s
 
 def figure_data(model, src, r) -> dict:
     """Every figure's data (NumPy values) for locate result r, re-running the trace."""
-    trace = run(model, src)
+    trace = run(model, src, r.get("prepend_bos") if isinstance(src, str) else None)
     if [int(i) for i in trace.ids] != list(r["ids"]):
         raise RefimplError("the prompt does not match the locate result's token ids")
     t, w = r["position"], r["target"]["id"]
@@ -252,7 +252,11 @@ def figure_data(model, src, r) -> dict:
         data["subkey_linearity"] = _subkey_data(trace, best, t)
     if r.get("activation_trace"):
         data["activation_trace"] = _activation_data(trace, t, r["activation_trace"])
-    others = [int(x) for x in np.argsort(-trace.log_probs[t], kind="stable") if x != w][:2]
+    # the bs-value difference against the token the locate result compares with (default the
+    # runner-up); the trajectory shows the target, that token and the next most probable one
+    versus = r["bs_difference"]["versus"]["id"] if "bs_difference" in r else None
+    others = [int(x) for x in np.argsort(-trace.log_probs[t], kind="stable") if x != w]
+    others = ([versus] + [x for x in others if x != versus])[:2] if versus is not None else others[:2]
     ids = [w] + others
     data["bs_trajectory"] = {**bs_trajectory(trace, ids, t, R), "tokens": [model.token_str(i) for i in ids]}
     if others:
