@@ -91,7 +91,10 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     result = {
         "ids": [int(i) for i in trace.ids], "tokens": trace.tokens, "position": t, "prepend_bos": prepend_bos,
         "target": {"id": w, "token": model.token_str(w), "log_prob": float(lp[w]), "prob": float(np.exp(lp[w])),
-                   "rank": rank_of(lp, w)},
+                   "rank": rank_of(lp, w),
+                   # log p(w) of the final state read out with this readout: the model's own value
+                   # for frozen and lens, another number for frozen-nobias (beta dropped) and raw
+                   "readout_log_prob": float(R.log_prob(trace.final[t], w))},
         "prediction": {"id": int(np.argmax(lp)), "token": model.token_str(int(np.argmax(lp))),
                        "prob": float(np.exp(lp.max()))},
         "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
@@ -184,6 +187,9 @@ def format_report(r: dict) -> str:
                  f"dtype {r['dtype']}")
     lines.append(f"prediction: {r['prediction']['token']!r} p={r['prediction']['prob']:.4f}")
     lines.append(f"target: {tgt['token']!r} (id {tgt['id']}) log p={tgt['log_prob']:.4f} p={tgt['prob']:.4f} rank {tgt['rank']}")
+    if abs(tgt.get("readout_log_prob", tgt["log_prob"]) - tgt["log_prob"]) > 1e-9:
+        lines.append(f"  (the {r['readout']} readout of the final state gives log p={tgt['readout_log_prob']:.4f}, "
+                     f"not the model's; the layer scores below sum to it minus log p at Lin_0)")
     lines.append("")
     lines.append("layer significance for the target (log-probability increase / probability increase):")
     lines.append(f"{'layer':>5}  {'attn logp':>10} {'attn p':>9}  {'ffn logp':>10} {'ffn p':>9}")
