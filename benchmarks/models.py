@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 BENCH_ROOT = os.environ.get("REFIMPL_BENCH_ROOT", "/work/bench")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("REFIMPL_FIXTURES", os.path.join(os.path.dirname(REPO), "shared", "fixtures"))
+FIXTURES = os.environ.get("REFIMPL_FIXTURES", os.path.join(REPO, "tests", "fixtures"))
 TOKENIZERS = os.path.join(FIXTURES, "tokenizers")
 PROMPT = "The capital of France is"
 GB = 1e9

@@ -32,7 +32,7 @@ from converters.tokenizers.sentencepiece_model import BPE, BYTE, CONTROL, NORMAL
 from refimpl.errors import FormatError
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / ".." / "shared" / "fixtures"
+FIX = ROOT / "tests" / "fixtures"
 VECTORS = FIX / "tokenizer-vectors"
 GPT2_VOCAB = FIX / "tokenizers" / "gpt2" / "encoder.json"
 GPT2_MERGES = FIX / "tokenizers" / "gpt2" / "vocab.bpe"

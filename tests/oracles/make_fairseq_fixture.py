@@ -4,11 +4,11 @@
 This script is NOT part of the test suite and is not importable without fairseq:
 it needs a separate virtualenv with real fairseq (see the fixture README), e.g.
 
-    python3 -m venv /work/venv-fairseq
-    /work/venv-fairseq/bin/pip install torch==2.13.0
-    /work/venv-fairseq/bin/pip install fairseq-fixed==0.12.3.1
-    /work/venv-fairseq/bin/pip uninstall -y torchaudio   # pulled in, broken, unused
-    /work/venv-fairseq/bin/python tests/oracles/make_fairseq_fixture.py
+    python3 -m venv ../venv-fairseq
+    ../venv-fairseq/bin/pip install torch==2.13.0
+    ../venv-fairseq/bin/pip install fairseq-fixed==0.12.3.1
+    ../venv-fairseq/bin/pip uninstall -y torchaudio   # pulled in, broken, unused
+    ../venv-fairseq/bin/python tests/oracles/make_fairseq_fixture.py
 
 It builds a tiny ``transformer_lm_wiki103`` language model (Baevski & Auli adaptive
 input + tied adaptive softmax) with fairseq's own code, fills every parameter with
@@ -69,9 +69,7 @@ from omegaconf import OmegaConf
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_OUT = os.path.join(REPO, "tests", "fixtures", "fairseq_tiny")
-WIKI103_DICT = os.path.join(
-    os.path.dirname(REPO), "shared", "fixtures", "tokenizers", "wiki103", "dict.txt"
-)
+WIKI103_DICT = os.path.join(REPO, "tests", "fixtures", "tokenizers", "wiki103", "dict.txt")
 
 SEED = 20240611
 N_WORDS = 96  # + 4 specials = 100 symbols
@@ -80,7 +78,7 @@ CUTOFF = "20,60"
 
 # The first 96 lines of the real fairseq WikiText-103 dict.txt (word, count), so that
 # ids 4..99 are the real wiki103 ids of these words.  Embedded so that the script does
-# not depend on ../shared being present.
+# not depend on the full dictionary being present.
 FIRST_WIKI103_LINES = """the 5584823
 , 4971506
 . 3624899
