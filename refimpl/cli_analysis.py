@@ -151,7 +151,7 @@ def cmd_additivity(p, args=None):
     emit(args, a, "\n".join(text))
 
 
-@command("subkey", "subkey of an FFN neuron and the exact decomposition of its pre-activation (Eq. 20-23)")
+@command("subkey", "subkey of an FFN neuron and the exact decomposition of its pre-activation (Section 3.3, Eq. 23)")
 def cmd_subkey(p, args=None):
     if args is None:
         common(p, target=False)

@@ -120,7 +120,8 @@ def embedding_parts(trace, t: int) -> dict[str, np.ndarray]:
 
 
 def layer_vectors(trace, t: int, upto: int | None = None, include_attn_of_upto: bool = False):
-    """The layer-level vectors that sum to a residual state at position t, in order.
+    """The layer-level vectors that sum to a residual state at position t, in order
+    (for Lres_i the paper's Eq. 21: Lres_i = Lin_0 + ATTN_0 + FFN_0 + ... + ATTN_i).
 
     [("emb.token", v), ("emb.position", v), ("attn.0", ATTN_0), ("ffn.0", FFN_0), ...]
     up to (excluding) layer `upto`; with `include_attn_of_upto`, ATTN_upto is appended,

@@ -316,7 +316,7 @@ class Model:
         return [int(bos)]
 
     def encode(self, text: str, prepend_bos: bool | None = None) -> list[int]:
-        """Tokenize text and put the start ids in front (`start_ids`; DESIGN.md section 3)."""
+        """Tokenize text and put the start ids in front (`start_ids`)."""
         if not isinstance(text, str) or not text.strip():
             raise RefimplError("empty prompt")
         start = self.start_ids(prepend_bos)

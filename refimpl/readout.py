@@ -1,4 +1,4 @@
-"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15; DESIGN.md section 2).
+"""Projecting vectors into vocabulary space (paper Section 2.2; docs/design-choices.md).
 
 The paper writes p(w | x) = softmax(E x). Real models put a final norm before E; the
 default readout freezes that norm's scale at the analysed position's final residual
@@ -6,9 +6,10 @@ x_f, which keeps every projection linear:
 
     frozen LayerNorm:  A(v) = W_U^T (gamma * (v - mean v) / sigma_f)      c = W_U^T beta + b_U
     frozen RMSNorm:    A(v) = W_U^T (gamma * v / s_f)                      c = 0
-    bs(x) = A(x) + c   for a residual state x;   bs-values of a subvalue v = A(v)   (Eq. 15)
+    bs(x) = A(x) + c   for a residual state x;   bs-values of a subvalue v = A(v)
 
-so bs(Lout_{L-1}[t]) are exactly the model's logits and the layer scores telescope.
+so bs-values of a sum are the sum of the bs-values (the paper's addition of bs-values),
+bs(Lout_{L-1}[t]) are exactly the model's logits and the layer scores telescope.
 `frozen-nobias` is the convention of the authors' published notebooks: the same frozen
 map A, but the final LayerNorm's bias beta is dropped from the offset (c = b_U), so the
 readout of the final residual is not the model's distribution (docs/design-choices.md);
@@ -141,7 +142,7 @@ def final_log_probs(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None
 class Readout:
     """Vocabulary readout at one analysed position (kind: frozen, frozen-nobias, raw or lens).
 
-    `bs(v)`        bs-values A(v) of vectors v [..., d] (Eq. 15's linear part)
+    `bs(v)`        bs-values A(v) of vectors v [..., d] (the linear part)
     `offset`       c, added for residual states: bs(x) = A(x) + c
     `log_probs(X)` log p(. | X) for residual states X [..., d]
     `log_prob(X, w)`, `prob(X, w)` for one target

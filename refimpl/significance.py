@@ -3,7 +3,7 @@
     C(v) = log p(w | L + v) - log p(w | L)          the log-probability increase
     P(v) =     p(w | L + v) -     p(w | L)          the probability increase
 
-Bases (DESIGN.md section 1): an attention layer or attention subvalue of layer i is
+Bases: an attention layer or attention subvalue of layer i is
 scored on top of L = Lin_i, an FFN layer or FFN subvalue on top of L = Lres_i. All
 probabilities are read out with the chosen readout at the analysed position t
 (default: frozen final norm, see readout.py).

@@ -2,7 +2,7 @@
 
 Level 1: the pre-activation h^k of neuron k in layer i at position t splits exactly
 into (u @ K^k) / sigma for every layer-level vector u that sums to Lres_i[t]
-(embedding parts, ATTN_j and FFN_j for j < i, ATTN_i) plus the remainder
+(Eq. 21: embedding parts, ATTN_j and FFN_j for j < i, ATTN_i) plus the remainder
 -mu lambda^k / sigma + B^k (subkeys.py, Eq. 23).
 
 Level 2: any one of those vectors splits into its own subvalues (attention by source
