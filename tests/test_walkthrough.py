@@ -2,8 +2,8 @@
 
 The page walks through the paper's method, from the residual stream to the subkeys, on the
 embedded model (capitals-gpt2) with the prompt "The capital of France is"; its printed
-outputs are rounded numbers, booleans and
-token strings, so they do not depend on BLAS rounding.
+outputs are rounded numbers, booleans and token strings, so they do not depend on BLAS
+rounding.
 """
 import doctest
 
