@@ -17,7 +17,9 @@ def cmd_locate(p, args=None):
     if args is None:
         common(p)
         p.add_argument("--top", type=positive_int, default=10, help="K best subvalues of each kind (default 10)")
-        p.add_argument("--exhaustive", action="store_true", help="score every FFN subvalue by brute force")
+        p.add_argument("--exhaustive", action="store_true",
+                       help="score every FFN subvalue, attention subvalue and attention neuron by brute force "
+                            "(default: the same exact top-K found with bounds)")
         p.add_argument("--counts", choices=["auto", "yes", "no"], default="auto",
                        help="per-layer helpful/unhelpful counts (auto: on small models, after "
                             "`refimpl prepare`, and with --exhaustive)")
@@ -25,7 +27,8 @@ def cmd_locate(p, args=None):
         p.add_argument("--versus", default=None, metavar="TOKEN",
                        help="compare the target's bs-value with this token (Fig. 10-11; a single token; "
                             "default: the runner-up, the most probable other token)")
-        p.add_argument("--versus-id", type=int, default=None, metavar="ID", help="the same, by token id")
+        p.add_argument("--versus-id", type=int, default=None, metavar="ID",
+                       help="the same, by token id (default: the runner-up)")
         return
     from .locate import format_report, locate
     model = open_model(args)
