@@ -279,6 +279,24 @@ class Readout:
         return C, p_base * np.expm1(C)
 
 
+    def increase_of_multiples(self, base: np.ndarray, V: np.ndarray, coefs: np.ndarray, w: int):
+        """(C, P) [n, m] of the vectors coefs[r, j] * V[r] added to base [d] (Eq. 19). With a
+        linear readout the bs-values of c * v are c * A(v), so A is applied to the n rows of V
+        once instead of to n * m vectors (the attention neurons of all source positions share
+        their O_h[e]). Not for `lens`."""
+        if self.kind == "lens":
+            raise RefimplError("increase_of_multiples needs a linear readout, not lens")
+        base = np.asarray(base, self.model.dtype)[None]                     # [1, d]
+        groups0 = self._base_groups(base, w)                                # [(lp [1, n_g], sel)]
+        lp_base = float(sum(lp[0, sel] for lp, sel in groups0))
+        ug = self.head.target_groups(self.normalise(np.asarray(V, self.model.dtype)), w, bias=False)  # u [n, n_g]
+        C = np.empty(coefs.shape)
+        for j in range(coefs.shape[1]):
+            c = np.asarray(coefs[:, j:j + 1], self.model.dtype)              # [n, 1]
+            C[:, j] = sum(log_softmax_shift(lp0[0], c * u, sel) for (lp0, sel), (u, _) in zip(groups0, ug))
+        return C, np.exp(lp_base) * np.expm1(C)
+
+
 def rank_of(scores: np.ndarray, w: int) -> int:
     """0-based rank of token w when scores are sorted largest first (ties: lower id first)."""
     s = scores[w]

@@ -120,14 +120,16 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
 
 
 def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
-                     batch: int = 64) -> dict:
+                     batch: int = 64, chunk: int = 128) -> dict:
     """The k attention-neuron subvalues alpha_h[t, j] v_h[j, e] O_h[e] (head h, head dimension e,
     source position j; decomposition.py) with the largest log-probability increase over their
     bases Lin_i, over all layers. The same branch and bound as for FFN subvalues: the Jensen
     bound C(v) <= g_i . v is, for these vectors, (alpha_h[t, j] v_h[j, e]) * (O_h[e] . g_i), so
     every bound costs one product W_O g_i per layer and only the visited neurons are built and
-    scored. Returns {"layer", "head", "dim", "position", "log_prob_increase", "prob_increase",
-    "scored"} (best first; ties: lower layer, head, dim, position first)."""
+    scored. `exhaustive` scores every neuron, reading each row of W_O out once for all source
+    positions (the bs-values of c * O_h[e] are c * A(O_h[e])). Returns {"layer", "head", "dim",
+    "position", "log_prob_increase", "prob_increase", "scored"} (best first; ties: lower layer,
+    head, dim, position first)."""
     R = as_readout(trace, t, readout)
     t = t % trace.T
     cfg, L, n_pos = trace.model.cfg, len(trace.layers), t + 1
@@ -136,8 +138,17 @@ def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", 
     if exhaustive or R.kind == "lens":
         cs, ps = [], []
         for i in range(L):
-            sv = trace.attn_subvalues(i, t, "head_neuron_position").reshape(per_layer, -1)   # [H*dh*(t+1), d]
-            c, p = R.increase(bases[i:i + 1], np.zeros(per_layer, dtype=np.int64), sv, w)
+            if R.kind == "lens":                # not linear: every neuron's vector is read out on its own
+                sv = trace.attn_subvalues(i, t, "head_neuron_position").reshape(per_layer, -1)   # [H*dh*(t+1), d]
+                c, p = R.increase(bases[i:i + 1], np.zeros(per_layer, dtype=np.int64), sv, w)
+            else:                               # bs-values of coef * O_h[e] = coef * A(O_h[e]): A once per row of W_O
+                O = trace.model.weight(f"blocks.{i}.attn.W_O").reshape(cfg.n_heads * cfg.d_head, -1)   # [H*dh, d]
+                coef = dec.attn_neuron_coefficients(trace, i, t).reshape(len(O), n_pos)           # [H*dh, t+1]
+                c, p = np.empty((len(O), n_pos)), np.empty((len(O), n_pos))
+                for s in range(0, len(O), chunk):
+                    c[s:s + chunk], p[s:s + chunk] = R.increase_of_multiples(bases[i], O[s:s + chunk],
+                                                                             coef[s:s + chunk], w)
+                c, p = c.ravel(), p.ravel()                                     # (h*dh + e)*(t+1) + j
             cs.append(c)
             ps.append(p)
         c, p = np.concatenate(cs), np.concatenate(ps)
