@@ -120,7 +120,7 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
 
 
 def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
-                     batch: int = 64, chunk: int = 128) -> dict:
+                     batch: int = 32, chunk: int = 128) -> dict:
     """The k attention-neuron subvalues alpha_h[t, j] v_h[j, e] O_h[e] (head h, head dimension e,
     source position j; decomposition.py) with the largest log-probability increase over their
     bases Lin_i, over all layers. The same branch and bound as for FFN subvalues: the Jensen
