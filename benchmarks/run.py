@@ -244,7 +244,7 @@ def step_locate(spec, dtype: str, opts) -> dict:
         warm.append({**m, **{k: v for k, v in r.items() if k != "result"}})
         rec["result"] = r["result"]
         put(spec.name, key, rec)
-    # the top-K report alone (what the GPT2-medium target is about), where the warm
+    # the top-K report alone (what the GPT2-medium target is about), where the warm
     # runs above also computed the per-layer counts
     if rec["result"].get("ffn_counts") is not None:
         bare = rec.setdefault("warm_no_counts", [])

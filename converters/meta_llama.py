@@ -5,7 +5,7 @@ vocab_size (-1: from the tokenizer / embedding), multiple_of, ffn_dim_multiplier
 norm_eps, rope_theta) and model-parallel shards `consolidated.00.pth`, `.01.pth`, ...;
 `tokenizer.model` sits in the directory or its parent (or is passed with --tokenizer).
 
-Shards are joined as Meta's model-parallel layers split them (DESIGN.md section 3):
+Shards are joined as Meta's model-parallel layers split them:
 wq, wk, wv, w1, w3 and output on dim 0 (ColumnParallelLinear); wo, w2 and
 tok_embeddings on dim 1 (RowParallelLinear, ParallelEmbedding); norms are replicated;
 rope.freqs is dropped. Each output tensor is concatenated from its own slices only,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from . import cli_model, cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
+from . import __version__, cli_model, cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
 from .cli_common import COMMANDS, _Parser
 from .errors import RefimplError
 
@@ -18,28 +19,47 @@ from .errors import RefimplError
 # --- entry point ------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="refimpl", description="Residual-stream subvalue analysis in pure NumPy.")
+    parser = _Parser(prog="refimpl", description="Residual-stream subvalue analysis in pure NumPy "
+                     "(Yu & Ananiadou). `refimpl COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"refimpl {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, fn) in COMMANDS.items():
         fn(sub.add_parser(name, help=help_, description=help_))
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+def _one_line(message, category) -> str:
+    return str(message).splitlines()[0] if str(message) else category.__name__
 
 
 def main(argv=None) -> int:
     import warnings
-    warnings.showwarning = _one_line_warning
+    shown: list[str] = []
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        msg = _one_line(message, category)
+        print(f"warning: {msg}", file=sys.stderr)
+        shown.append(msg)                   # also listed in the JSON output's `warnings`
+
+    with warnings.catch_warnings():         # filters and handler restored on return (main may run in-process)
+        warnings.simplefilter("always", UserWarning)      # each run shows its warnings, not once per process
+        warnings.showwarning = showwarning
+        return _main(argv, shown)
+
+
+def _main(argv, shown: list) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:             # --help, --version
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
         if not args.cmd:
             parser.print_help()
             return 2
-        COMMANDS[args.cmd][1](None, args)
-        return 0
+        args._t0, args._warnings = time.perf_counter(), shown
+        return int(COMMANDS[args.cmd][1](None, args) or 0)     # a command may return an exit code (compare: 1)
     except RefimplError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

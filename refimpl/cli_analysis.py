@@ -1,22 +1,31 @@
 """Analysis subcommands: locate (the main job) and one subcommand per analysis of the paper.
 
-Each shares the prompt/model/target options and prints a table, or JSON with --json.
+Each shares the prompt/model/target options and prints a table, or with --json one object
+(output.header's common keys plus the command's labelled entries; docs/json.md).
 """
 from __future__ import annotations
 
 
 import numpy as np
 
-from .cli_common import (check_layer, check_neuron, command, common, emit, open_model, positive_int, prepare,
-                         prompt_source)
+from . import display
+from .cli_common import (check_layer, check_neuron, command, common, emit, no_effect, open_model, positive_int,
+                         prepare, prompt_source)
 from .errors import RefimplError
+
+
+def _top(n_or_all: str):
+    """argparse type: a positive integer or `all`."""
+    if n_or_all == "all":
+        return None
+    return positive_int(n_or_all)
 
 
 @command("locate", "the main job: which layers and subvalues raise the target's log-probability, and what activates them")
 def cmd_locate(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--top", type=positive_int, default=10, help="K best subvalues of each kind (default 10)")
+        p.add_argument("--top", type=positive_int, default=10, help="K best subvalues of each kind")
         p.add_argument("--exhaustive", action="store_true",
                        help="score every FFN subvalue, attention subvalue and attention neuron by brute force "
                             "(default: the same exact top-K found with bounds)")
@@ -44,7 +53,11 @@ def cmd_locate(p, args=None):
     if args.plots:
         from .plots import write_figures
         r["figures"] = write_figures(model, src, r, args.plots)
-    emit(args, r, format_report(r))
+    emit(args, r, format_report(r, model))
+
+
+def _tok(model, i) -> str:
+    return display.token(model, i)
 
 
 @command("layers", "layer significance: log-probability and probability increase of every attention and FFN layer")
@@ -54,65 +67,124 @@ def cmd_layers(p, args=None):
     from .significance import layer_significance
     model, trace, t, w, R = prepare(args)
     rows = layer_significance(trace, w, t, R)
-    text = [f"target {model.token_str(w)!r} at position {t}", f"{'layer':>5} {'attn logp':>10} {'attn p':>9} {'ffn logp':>10} {'ffn p':>9}"]
+    text = [f"target {_tok(model, w)} at position {t}", f"{'layer':>5} {'attn logp':>10} {'attn p':>9} {'ffn logp':>10} {'ffn p':>9}"]
     text += [f"{r['layer']:>5} {r['attn']['log_prob_increase']:>10.4f} {r['attn']['prob_increase']:>9.4f} "
              f"{r['ffn']['log_prob_increase']:>10.4f} {r['ffn']['prob_increase']:>9.4f}" for r in rows]
-    emit(args, {"target": w, "position": t, "layers": rows}, "\n".join(text))
+    emit(args, {"layers": rows}, "\n".join(text))
 
 
-# --by for attention subvalues: CLI spelling -> Trace.attn_subvalues' `by`, and what the array axes index
+# --by for attention subvalues: CLI spelling -> Trace.attn_subvalues' `by`
 ATTN_BY = {"position": "position", "head": "head", "head_position": "head_position",
            "head-neuron": "head_neuron_position"}
-ATTN_INDEX = {"position": ["position"], "head": ["head"], "head_position": ["head", "position"],
-              "head_neuron_position": ["head", "dim", "position"]}
 
 
 @command("subvalues", "subvalue significance of one layer (attention by position/head, or FFN neurons)")
 def cmd_subvalues(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--layer", type=int, required=True)
-        p.add_argument("--kind", choices=["attn", "ffn"], default="ffn")
-        p.add_argument("--by", choices=list(ATTN_BY), default="position",
-                       help="attention subvalues by source position (default; heads summed), head, "
-                            "head_position, or head-neuron (head, head dimension, source position)")
-        p.add_argument("--top", type=positive_int, default=10)
+        p.add_argument("--layer", type=int, required=True, help="layer index, 0-based")
+        p.add_argument("--kind", choices=["attn", "ffn"], default="ffn", help="attention or FFN subvalues")
+        p.add_argument("--by", choices=list(ATTN_BY), default=None,
+                       help="how attention subvalues are split (with --kind attn; default: position): by source "
+                            "position (heads summed), head, head_position, or head-neuron (attention neurons: "
+                            "head, head dimension, source position)")
+        p.add_argument("--top", type=_top, default=10, metavar="K",
+                       help="list the K best subvalues (`all`: every one)")
         return
+    if args.kind == "ffn" and args.by is not None:
+        no_effect("--by", "with --kind ffn (it splits attention subvalues; add --kind attn)")
     from .significance import attn_subvalue_significance, ffn_layer_summary, ffn_subvalue_significance
     model, trace, t, w, R = prepare(args)
     check_layer(model, args.layer)
+    by = ATTN_BY[args.by or "position"]
+    body = {"layer": args.layer, "kind": args.kind, "by": by if args.kind == "attn" else None}
     if args.kind == "attn":
-        by = ATTN_BY[args.by]
         s = attn_subvalue_significance(trace, args.layer, w, t, by, R)
         c, pinc = s["log_prob_increase"], s["prob_increase"]
-        obj = {"by": by, "index": ATTN_INDEX[by], "log_prob_increase": c, "prob_increase": pinc, "bias": s["bias"]}
+        bias = {"log_prob_increase": s["bias"][0], "prob_increase": s["bias"][1]}
     else:
         c, pinc = ffn_subvalue_significance(trace, args.layer, w, t, readout=R)
-        obj = {"log_prob_increase": c, "prob_increase": pinc,
-               "summary": ffn_layer_summary(trace, args.layer, w, t, R, scores=c)}
+        cb, pb = _ffn_bias_increase(trace, args.layer, w, t, R)
+        bias = {"log_prob_increase": cb, "prob_increase": pb}
     flat = c.reshape(-1)
     order = np.argsort(-flat, kind="stable")[:args.top]
-    idx = [np.unravel_index(j, c.shape) for j in order]
-    index = ", ".join(obj.get("index", ["neuron"]))
-    text = [f"layer {args.layer} {args.kind} subvalues for target {model.token_str(w)!r} "
-            f"(({index}), logp increase, p increase):"]
-    text += [f"  {tuple(int(x) for x in ix)!s:<12} {c[ix]:+.5f} {pinc[ix]:+.5f}" for ix in idx]
+    m = trace.layers[args.layer].m[t]
+    entries = []
+    for rank, j in enumerate(order):
+        ix = tuple(int(x) for x in np.unravel_index(j, c.shape))
+        e = {"rank": rank}
+        if args.kind == "ffn":
+            e.update(neuron=ix[0], coefficient=float(m[ix[0]]))
+        elif by == "position":
+            e.update(position=ix[0], source_token=trace.tokens[ix[0]])
+        elif by == "head":
+            e.update(head=ix[0])
+        elif by == "head_position":
+            e.update(head=ix[0], position=ix[1], source_token=trace.tokens[ix[1]])
+        else:                                                               # attention neuron
+            e.update(head=ix[0], dim=ix[1], position=ix[2], source_token=trace.tokens[ix[2]])
+        e.update(log_prob_increase=float(c[ix]), prob_increase=float(pinc[ix]))
+        entries.append(e)
+    body.update(n_subvalues=int(flat.size), subvalues=entries, bias=bias)
     if args.kind == "ffn":
-        text.append(f"  summary: {obj['summary']}")
-    emit(args, obj, "\n".join(text))
+        body["summary"] = ffn_layer_summary(trace, args.layer, w, t, R, scores=c)
+    what = {"ffn": "neuron", "position": "source position", "head": "head", "head_position": "head, position",
+            "head_neuron_position": "head, dim, position"}
+    label = what["ffn" if args.kind == "ffn" else by]
+    shown = len(entries) if args.top is None else min(args.top, flat.size)
+    text = [f"layer {args.layer} {'FFN' if args.kind == 'ffn' else 'attention'} subvalues for target {_tok(model, w)}: "
+            f"{shown} best of {flat.size}"]
+    text.append(f"  {'rank':>4}  {label:<22} {'logp incr':>10} {'p incr':>10}")
+    for e in entries:
+        if args.kind == "ffn":
+            where = f"n{e['neuron']} m={e['coefficient']:+.3f}"
+        elif by == "position":
+            where = f"pos {e['position']} {_tok(model, trace.ids[e['position']])}"
+        elif by == "head":
+            where = f"head {e['head']}"
+        elif by == "head_position":
+            where = f"head {e['head']} pos {e['position']} {_tok(model, trace.ids[e['position']])}"
+        else:
+            where = f"h{e['head']} d{e['dim']} pos {e['position']} {_tok(model, trace.ids[e['position']])}"
+        text.append(f"  {e['rank']:>4}  {where:<22} {e['log_prob_increase']:>+10.5f} {e['prob_increase']:>+10.5f}")
+    text.append(f"  {'bias':>4}  {'b_O' if args.kind == 'attn' else 'b_out':<22} {bias['log_prob_increase']:>+10.5f} "
+                f"{bias['prob_increase']:>+10.5f}")
+    if args.kind == "ffn":
+        sm = body["summary"]
+        share = sm["top10_share"]
+        share = f"{share:.3f}" if isinstance(share, float) else f"[{share[0]:.3f}, {share[1]:.3f}]"
+        text.append(f"  activated (m > 0) {sm['activated']}, helpful {sm['helpful']}, unhelpful {sm['unhelpful']}; "
+                    f"top-10 share of helpful {share}")
+    emit(args, body, "\n".join(text))
+
+
+def _ffn_bias_increase(trace, i, w, t, R) -> tuple[float, float]:
+    from .significance import increases
+    c, p = increases(R, trace.layers[i].lres[t], trace.ffn_bias_subvalue(i)[None], w)
+    return float(c[0]), float(p[0])
+
+
+VECTORS = ["ffn", "attn", "ffn-neuron", "attn-position", "attn-head", "Lin", "Lres", "Lout"]
+INDEXED = {"ffn-neuron": "NEURON", "attn-position": "POSITION", "attn-head": "HEAD"}
 
 
 @command("vocab", "vocabulary view of a vector: top/bottom tokens by bs-value and the target's rank")
 def cmd_vocab(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--layer", type=int, default=None)
-        p.add_argument("--vector", default="ffn", choices=["ffn", "attn", "ffn-neuron", "attn-position", "attn-head",
-                                                           "Lin", "Lres", "Lout"],
-                       help="a layer vector, a subvalue (with --index) or a residual state")
-        p.add_argument("--index", type=int, default=None, help="neuron / source position / head")
-        p.add_argument("--top", type=positive_int, default=10)
+        p.add_argument("--layer", type=int, required=True, help="layer index, 0-based")
+        p.add_argument("--vector", default="ffn", choices=VECTORS,
+                       help="a layer's output (ffn, attn), one subvalue (ffn-neuron, attn-position, attn-head; "
+                            "with --index) or a residual state (Lin, Lres, Lout)")
+        p.add_argument("--index", type=int, default=None,
+                       help="neuron, source position or head of the subvalue (only with ffn-neuron, "
+                            "attn-position, attn-head)")
+        p.add_argument("--top", type=positive_int, default=10, help="K top and K bottom tokens")
         return
+    if args.vector in INDEXED and args.index is None:
+        raise RefimplError(f"--vector {args.vector} needs --index {INDEXED[args.vector]}")
+    if args.vector not in INDEXED and args.index is not None:
+        no_effect("--index", f"with --vector {args.vector} (only with {', '.join(INDEXED)})")
     from .vocab import ffn_subvalue_view, vocab_view
     model, trace, t, w, R = prepare(args)
     check_layer(model, args.layer)
@@ -123,75 +195,97 @@ def cmd_vocab(p, args=None):
     else:
         if args.vector in ("attn-position", "attn-head"):
             sv = trace.attn_subvalues(i, t, args.vector.split("-")[1])
-            if args.index is None or not 0 <= args.index < len(sv):
+            if not 0 <= args.index < len(sv):
                 raise RefimplError(f"--index {args.index} out of range (0..{len(sv) - 1})")
             v = sv[args.index]
         else:
             v = {"ffn": L.ffn, "attn": L.attn, "Lin": L.lin, "Lres": L.lres, "Lout": L.lout}[args.vector][t]
         view = vocab_view(model, R, v, w, args.top)
-    text = [f"top: {' '.join(repr(x['token']) for x in view['top'])}",
-            f"bottom: {' '.join(repr(x['token']) for x in view['bottom'])}",
-            f"target {model.token_str(w)!r} rank {view['target_rank']}"
-            + (f" (rank in bare fc2: {view['target_rank_in_fc2']})" if "target_rank_in_fc2" in view else "")]
-    emit(args, view, "\n".join(text))
+    for side in ("top", "bottom"):
+        for x in view[side]:
+            x["piece"] = display.piece(model, x["id"])
+    body = {"layer": i, "vector": args.vector, "index": args.index, **view}
+    text = [f"{'rank':>4}  {'top token':<24} {'bs':>9}    {'bottom token':<24} {'bs':>9}"]
+    for r, (a, b) in enumerate(zip(view["top"], view["bottom"])):
+        text.append(f"{r:>4}  {display.show(a['token'], a['piece']):<24} {a['bs']:>9.4f}    "
+                    f"{display.show(b['token'], b['piece']):<24} {b['bs']:>9.4f}")
+    text.append(f"target {_tok(model, w)}: rank {view['target_rank']}, bs {view['target_bs']:.4f}"
+                + (f"; rank in the bare fc2 row: {view['target_rank_in_fc2']}" if "target_rank_in_fc2" in view else "")
+                + (f"; coefficient m={view['coefficient']:+.4f}" if "coefficient" in view else ""))
+    emit(args, body, "\n".join(text))
 
 
 @command("additivity", "additivity check: C(v1+...+vk) against C(v1)+...+C(vk) for a layer's helpful subvalues")
 def cmd_additivity(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--layer", type=int, required=True)
-        p.add_argument("--kind", choices=["attn", "ffn"], default="ffn")
-        p.add_argument("--max", type=positive_int, default=50)
+        p.add_argument("--layer", type=int, required=True, help="layer index, 0-based")
+        p.add_argument("--kind", choices=["attn", "ffn"], default="ffn",
+                       help="FFN subvalues (neurons) or attention subvalues (by source position)")
+        p.add_argument("--max", type=positive_int, default=50, help="largest k (helpful subvalues summed)")
         return
     from .significance import additivity
     model, trace, t, w, R = prepare(args)
     check_layer(model, args.layer)
     a = additivity(trace, args.layer, w, t, args.kind, args.max, R)
-    text = [f"{'k':>4} {'sum C(vi)':>11} {'C(sum vi)':>11} {'sum P(vi)':>11} {'P(sum vi)':>11}"]
-    text += [f"{j + 1:>4} {a['sum_of_log_prob_increases'][j]:>11.5f} {a['log_prob_increase_of_sum'][j]:>11.5f} "
-             f"{a['sum_of_prob_increases'][j]:>11.5f} {a['prob_increase_of_sum'][j]:>11.5f}" for j in range(len(a["indices"]))]
-    emit(args, a, "\n".join(text))
+    keys = ("sum_of_log_prob_increases", "log_prob_increase_of_sum", "sum_of_prob_increases", "prob_increase_of_sum")
+    steps = [{"k": j + 1, "index": int(a["indices"][j]), **{k: float(a[k][j]) for k in keys}}
+             for j in range(len(a["indices"]))]
+    what = "neuron" if args.kind == "ffn" else "position"
+    text = [f"{'k':>4} {what:>8} {'sum C(vi)':>11} {'C(sum vi)':>11} {'sum P(vi)':>11} {'P(sum vi)':>11}"]
+    text += [f"{s['k']:>4} {s['index']:>8} {s['sum_of_log_prob_increases']:>11.5f} {s['log_prob_increase_of_sum']:>11.5f} "
+             f"{s['sum_of_prob_increases']:>11.5f} {s['prob_increase_of_sum']:>11.5f}" for s in steps]
+    emit(args, {"layer": args.layer, "kind": args.kind, "steps": steps}, "\n".join(text))
 
 
 @command("subkey", "subkey of an FFN neuron and the exact decomposition of its pre-activation (Section 3.3, Eq. 23)")
 def cmd_subkey(p, args=None):
     if args is None:
-        common(p, target=False)
-        p.add_argument("--layer", type=int, required=True)
+        common(p, target=False, readout=False)
+        p.add_argument("--layer", type=int, required=True, help="layer index, 0-based")
         p.add_argument("--neuron", type=int, default=None, help="one neuron (default: every neuron: Fig. 4 data)")
-        p.add_argument("--which", choices=["in", "gate"], default="in")
+        p.add_argument("--which", choices=["in", "gate"], default="in",
+                       help="the subkey of W_in, or of W_gate (SwiGLU models)")
         return
     from .subkeys import preactivation
-    args.target = args.target_id = None
     model, trace, t, _, _ = prepare(args)
     check_layer(model, args.layer)
     if args.neuron is not None:
         check_neuron(model, args.neuron)
     terms = preactivation(trace, args.layer, t, args.neuron, args.which)
+    ks = np.arange(model.cfg.d_ff) if args.neuron is None else np.array([args.neuron])
+    col = lambda x: np.broadcast_to(np.asarray(x, np.float64), ks.shape)          # noqa: E731
+    xK, lam, B, h = (col(terms[k]) for k in ("xK", "lambda", "B", "h"))
+    neurons = [{"neuron": int(k), "xK": float(xK[j]), "lambda": float(lam[j]), "B": float(B[j]), "h": float(h[j])}
+               for j, k in enumerate(ks)]
+    body = {"layer": args.layer, "which": args.which, "mu": float(terms["mu"]), "sigma": float(terms["sigma"]),
+            "neurons": neurons}
     if args.neuron is None:
         text = (f"layer {args.layer} position {t}: mu={terms['mu']:.6f} sigma={terms['sigma']:.6f}; "
                 f"{model.cfg.d_ff} neurons (x@K vs h: use --json for the Fig. 4 data)")
     else:
-        text = (f"h = x@K/sigma - mu*lambda/sigma + B = {terms['xK']:.6f}/{terms['sigma']:.6f} - "
-                f"{terms['mu']:.6f}*{terms['lambda']:.6f}/{terms['sigma']:.6f} + {terms['B']:.6f} = {terms['h']:.6f}")
-    emit(args, terms, text)
+        n = neurons[0]
+        text = (f"h = x@K/sigma - mu*lambda/sigma + B = {n['xK']:.6f}/{terms['sigma']:.6f} - "
+                f"{terms['mu']:.6f}*{n['lambda']:.6f}/{terms['sigma']:.6f} + {n['B']:.6f} = {n['h']:.6f}")
+    emit(args, body, text)
 
 
 @command("trace", "activation tracing: what activates an FFN neuron (Section 4.2, Fig. 8-9)")
 def cmd_trace(p, args=None):
     if args is None:
-        common(p, target=False)
-        p.add_argument("--layer", type=int, required=True)
-        p.add_argument("--neuron", type=int, required=True)
+        common(p, target=False, readout=False)
+        p.add_argument("--layer", type=int, required=True, help="layer index, 0-based")
+        p.add_argument("--neuron", type=int, required=True, help="FFN neuron index")
         p.add_argument("--which", choices=["in", "gate"], default=None, help="subkey (default: gate and in for SwiGLU)")
-        p.add_argument("--source", default=None, help="split one source vector (attn.J, ffn.J, emb.token) into its subvalues")
-        p.add_argument("--by", choices=list(ATTN_BY), default="position",
-                       help="how --source attn.J is split: by source position (default), head, head_position "
-                            "or head-neuron (head, head dimension, source position)")
+        p.add_argument("--source", default=None,
+                       help="split one source vector (attn.J, ffn.J, emb.token, emb.position) into its subvalues")
+        p.add_argument("--by", choices=list(ATTN_BY), default=None,
+                       help="how an attention source splits (with --source attn.J; default: position): by source "
+                            "position, head, head_position or head-neuron (head, head dimension, source position)")
         return
+    if args.by is not None and not (args.source or "").startswith("attn."):
+        no_effect("--by", "without --source attn.J (it splits an attention source into subvalues)")
     from . import tracing
-    args.target = args.target_id = None
     model, trace, t, _, _ = prepare(args)
     check_layer(model, args.layer)
     check_neuron(model, args.neuron)
@@ -199,28 +293,32 @@ def cmd_trace(p, args=None):
     out, text = [], []
     for which in whiches:
         if args.source:
-            r = tracing.trace_source(trace, args.layer, args.neuron, args.source, t, which, ATTN_BY[args.by])
+            r = tracing.trace_source(trace, args.layer, args.neuron, args.source, t, which,
+                                     ATTN_BY[args.by or "position"])
             order = np.argsort(-np.abs(r["values"]), kind="stable")[:15]
             text.append(f"{which} subkey: {args.source} contributes {r['total']:+.5f}; by subvalue:")
             text += [f"  {r['labels'][j]:<28} {r['values'][j]:+.5f}" for j in order]
+            out.append({"which": which, "source": r["source"], "by": r["by"], "total": r["total"],
+                        "subvalues": [{"label": lab, "value": float(v)} for lab, v in zip(r["labels"], r["values"])]})
         else:
             r = tracing.trace_activation(trace, args.layer, args.neuron, t, which)
             text.append(f"{which} subkey: pre-activation {r['pre_activation']:+.5f} = sum of")
             text += [f"  {c['source']:<12} {c['value']:+.5f}" for c in r["contributions"]]
-        out.append(r)
-    emit(args, out, "\n".join(text))
+            out.append(r)
+    emit(args, {"layer": args.layer, "neuron": args.neuron, "subkeys": out}, "\n".join(text))
 
 
 @command("compare-tokens", "bs-values of tokens along the residual stream and per-layer changes of their difference")
 def cmd_compare_tokens(p, args=None):
     if args is None:
         common(p, target=False)
-        p.add_argument("--tokens", required=True, help="comma-separated tokens (each a single token) or ids with --token-ids")
-        p.add_argument("--token-ids", action="store_true")
+        p.add_argument("--tokens", required=True,
+                       help="comma-separated tokens, each a single token of the vocabulary (ids with --token-ids)")
+        p.add_argument("--token-ids", action="store_true", help="--tokens are token ids")
         return
     from .compare import bs_difference_changes, bs_trajectory
     from .locate import resolve_target
-    args.target = args.target_id = None
+    from .output import token_info
     model, trace, t, _, R = prepare(args)
     toks = [x for x in args.tokens.split(",") if x != ""]
     if args.token_ids:
@@ -233,23 +331,28 @@ def cmd_compare_tokens(p, args=None):
     if len(ids) < 1:
         raise RefimplError("--tokens is empty")
     traj = bs_trajectory(trace, ids, t, R)
-    obj = {"trajectory": traj}
-    text = [f"{'state':<9} " + " ".join(f"{model.token_str(i)!r:>12}" for i in ids)]
-    text += [f"{s:<9} " + " ".join(f"{v:>12.4f}" for v in row) for s, row in zip(traj["states"], traj["bs"])]
+    compared = [token_info(model, i) for i in ids]
+    body = {"compared": compared,
+            "trajectory": [{"state": s, "bs": [{**c, "bs": float(v)} for c, v in zip(compared, row)]}
+                           for s, row in zip(traj["states"], traj["bs"])]}
+    shown = [display.show(c["token"], c["piece"]) for c in compared]
+    width = max(12, *(len(s) for s in shown))
+    text = [f"{'state':<9} " + " ".join(f"{s:>{width}}" for s in shown)]
+    text += [f"{s:<9} " + " ".join(f"{v:>{width}.4f}" for v in row) for s, row in zip(traj["states"], traj["bs"])]
     if len(ids) >= 2:
         d = bs_difference_changes(trace, ids[0], ids[1], t, R)
-        obj["difference"] = d
-        text.append(f"\nchange of bs({model.token_str(ids[0])!r}) - bs({model.token_str(ids[1])!r}) per layer "
+        body["difference"] = {**d, "a": compared[0], "b": compared[1]}
+        text.append(f"\nchange of bs({shown[0]}) - bs({shown[1]}) per layer "
                     f"(start {d['start']:+.4f}, end {d['end']:+.4f}):")
         text += [f"  layer {r['layer']:>3}: attn {r['attn']:+.4f}  ffn {r['ffn']:+.4f}" for r in d["layers"]]
-    emit(args, obj, "\n".join(text))
+    emit(args, body, "\n".join(text))
 
 
 @command("baseline", "Appendix E: FFN subvalues ranked by coefficient x norm (Geva et al.) next to log-probability increase")
 def cmd_baseline(p, args=None):
     if args is None:
         common(p)
-        p.add_argument("--top", type=positive_int, default=10, help="K subvalues in each ranking (default 10)")
+        p.add_argument("--top", type=positive_int, default=10, help="K best FFN subvalues under each ranking")
         p.add_argument("--signed", action="store_true",
                        help="rank by m x ||fc2|| (negative coefficients last) instead of the paper's |m| x ||fc2|| "
                             "(Table 4; the default)")
@@ -257,7 +360,7 @@ def cmd_baseline(p, args=None):
     from .baseline import compare_rankings
     model, trace, t, w, R = prepare(args)
     r = compare_rankings(trace, w, t, args.top, R, signed=args.signed)
-    text = []
+    text = [f"target {_tok(model, w)}"]
     for key in ("by_log_prob_increase", "by_coef_x_norm"):
         text.append("by log-probability increase:" if key == "by_log_prob_increase" else f"by {r['score']}:")
         text += [f"  L{x['layer']} n{x['neuron']:<6} logp {x['log_prob_increase']:+.4f}  m {x['coefficient']:+.4f}  "

@@ -1,4 +1,4 @@
-"""Shared pieces of the command line: the subcommand registry and the common options.
+"""Shared pieces of the command line: the subcommand registry, the common options and output.
 
 Imported by the subcommand modules (cli_model, cli_analysis, cli_oracle) and by the entry
 point (cli.py); it imports none of them, so imports flow one way:
@@ -7,10 +7,9 @@ cli -> cli_model / cli_analysis / cli_oracle -> cli_common.
 from __future__ import annotations
 
 import argparse
-import json
+import time
 
-import numpy as np
-
+from . import output
 from .errors import RefimplError
 
 COMMANDS: dict = {}
@@ -23,7 +22,23 @@ def command(name: str, help: str):
     return deco
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default after its help (except for flags and options without one)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "%(default)" in h or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            return h
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return h
+        return f"{h} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
+
     def error(self, message):               # argparse's usage errors: one line, exit 2
         raise RefimplError(f"{self.prog}: {message}")
 
@@ -50,27 +65,56 @@ def parse_ids(s: str) -> list[int]:
 
 
 def open_model(args):
-    from .model import load
-    from .embedded import resolve_model
-    return load(resolve_model(getattr(args, "model", None)), dtype=getattr(args, "dtype", "float64"))
+    from .api import load
+    model, convert = getattr(args, "model", None), getattr(args, "convert", False)
+    if convert:
+        import os
+        from .checkpoints import is_converted
+        from .embedded import embedded_models
+        if model is None:
+            no_effect("--convert", "without --model (the embedded model is converted already)")
+        if is_converted(model) or (not os.path.exists(model) and model in embedded_models()):
+            no_effect("--convert", f"with --model {model}: it is a converted model already")
+    if getattr(args, "target", None) is not None and getattr(args, "target_id", None) is not None:
+        raise RefimplError("give either --target or --target-id, not both")
+    return load(model, dtype=getattr(args, "dtype", "float64"), convert=convert)
 
 
-def common(p, target=True):
-    p.add_argument("prompt", nargs="?", default=None, help="text prompt (tokenized with the family's start token)")
+def model_options(p, dtype=True):
+    """--model, --convert and --dtype."""
+    p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help="converted model directory or embedded model name (default: the embedded model; "
+                        "`refimpl models` lists them)")
+    p.add_argument("--convert", action="store_true",
+                   help="if --model is an unconverted checkpoint (Hugging Face, Meta, fairseq, llama2.c), "
+                        "convert it once into the user cache and use that")
+    if dtype:
+        p.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="compute dtype")
+
+
+def common(p, target=True, readout=True, json=True):
+    """The prompt, model, position, readout, target and output options of the analysis commands."""
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="text prompt (tokenized, with the model family's start tokens put in front)")
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of PROMPT, used verbatim")
     add_prepend_bos(p)
-    p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--position", type=int, default=None, help="analysed position (default: last)")
-    p.add_argument("--readout", default="frozen", choices=["frozen", "frozen-nobias", "raw", "lens"],
-                   help="vocabulary readout (default frozen: the final norm's scale frozen at the analysed "
-                        "position, its bias kept, so the final state reads as the model's own log-probabilities; "
-                        "frozen-nobias: the authors' published convention, final LayerNorm bias dropped; "
-                        "raw: no final norm; lens: each vector normalised on its own)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    model_options(p)
+    p.add_argument("--position", type=int, default=None,
+                   help="analysed position, 0-based; negative counts from the end (default: the last)")
+    if readout:
+        p.add_argument("--readout", default="frozen", choices=["frozen", "frozen-nobias", "raw", "lens"],
+                       help="vocabulary readout (default frozen: the final norm's scale frozen at the analysed "
+                            "state, its bias kept, so the final state reads as the model's own log-probabilities; "
+                            "frozen-nobias: the authors' published convention, final LayerNorm bias dropped; "
+                            "raw: no final norm; lens: each vector normalised on its own; docs/design-choices.md)")
     if target:
-        p.add_argument("--target", default=None, help="target token (must be a single token)")
-        p.add_argument("--target-id", type=int, default=None, help="target token id")
+        p.add_argument("--target", default=None,
+                       help="target token: one vocabulary token, its leading space included where the "
+                            "tokenizer has one (GPT-2) (default: the top-1 prediction)")
+        p.add_argument("--target-id", type=int, default=None, help="target token id (instead of --target)")
+    if json:
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON object (schema in refimpl/data/schemas/, docs/json.md) instead of text")
 
 
 def add_prepend_bos(p):
@@ -92,26 +136,40 @@ def prompt_source(args):
 
 
 def prepare(args):
-    """(model, trace, t, w, readout) from the common options."""
+    """(model, trace, t, w, readout) from the common options; remembered for `emit`."""
     from .forward import run
     from .locate import resolve_position, resolve_target
     model = open_model(args)
-    trace = run(model, prompt_source(args), getattr(args, "prepend_bos", None))
+    src = prompt_source(args)
+    trace = run(model, src, getattr(args, "prepend_bos", None))
     t = resolve_position(trace, args.position)
-    w = resolve_target(model, trace.log_probs[t], getattr(args, "target", None), getattr(args, "target_id", None))
-    return model, trace, t, w, trace.readout(t, args.readout)
+    w = None
+    if hasattr(args, "target"):
+        w = resolve_target(model, trace.log_probs[t], args.target, args.target_id)
+    R = trace.readout(t, args.readout) if hasattr(args, "readout") else None
+    args._run = (trace, src, t, w)
+    return model, trace, t, w, R
 
 
-def emit(args, obj, text: str):
-    print(json.dumps(obj, indent=1, default=_jsonable) if args.json else text)
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(type(x).__name__)
+def emit(args, body: dict, text: str):
+    """Print the text, or with --json the command's JSON object: the common header (for the
+    prompt commands, after `prepare`), the body, the warnings shown during the run, timing."""
+    if not args.json:
+        print(text)
+        return
+    if "schema_version" in body:                               # built whole already (locate)
+        obj = dict(body)
+    elif getattr(args, "_run", None) is not None:
+        trace, src, t, w = args._run
+        obj = {**output.header(args.cmd, trace, src, t, w, getattr(args, "readout", None)), **body}
+    else:
+        obj = {**output.base(args.cmd), **body}
+    shown = [m for m in getattr(args, "_warnings", []) if m not in obj.get("warnings", [])]
+    if shown or "warnings" in obj:
+        obj["warnings"] = obj.get("warnings", []) + shown
+    obj.setdefault("timing", {"seconds": time.perf_counter() - getattr(args, "_t0", time.perf_counter())})
+    obj["timing"] = obj.pop("timing")                          # last
+    print(output.dumps(obj))
 
 
 def check_layer(model, i):
@@ -122,3 +180,8 @@ def check_layer(model, i):
 def check_neuron(model, k):
     if k is None or not 0 <= k < model.cfg.d_ff:
         raise RefimplError(f"neuron {k} out of range (FFN width {model.cfg.d_ff})")
+
+
+def no_effect(option: str, why: str):
+    """An option given where it changes nothing is an error, not silently ignored."""
+    raise RefimplError(f"{option} has no effect {why}")

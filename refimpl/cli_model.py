@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .cli_common import add_prepend_bos, command, open_model, parse_ids, positive_int
+from .cli_common import command, common, emit, model_options, open_model, positive_int, prepare
 from .errors import RefimplError
 
 
@@ -15,8 +15,10 @@ def cmd_convert(p, args=None):
     if args is None:
         p.add_argument("src", help="checkpoint file or directory")
         p.add_argument("dst", help="output model directory (must be empty or absent)")
-        p.add_argument("--format", dest="fmt", default=None, help="force a source format")
-        p.add_argument("--tokenizer", default=None, help="tokenizer file, where the format needs one")
+        p.add_argument("--format", dest="fmt", default=None, metavar="FORMAT",
+                       help="source format: llama2c, hf-gpt2, hf-llama, meta-llama or fairseq (default: detected "
+                            "from the files)")
+        p.add_argument("--tokenizer", default=None, help="tokenizer file, where the format needs one (llama2.c)")
         p.add_argument("--force", action="store_true", help="replace a non-empty DST")
         return
     import converters
@@ -31,69 +33,90 @@ def cmd_convert(p, args=None):
 def cmd_verify(p, args=None):
     if args is None:
         p.add_argument("model", help="converted model directory")
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         return
     from .verify import verify
     problems = verify(args.model)
-    if problems:
+    if args.json:
+        emit(args, {"path": os.path.abspath(args.model), "ok": not problems, "problems": problems}, "")
+    else:
         for line in problems:
             print(line)
+    if problems:
         raise RefimplError(f"{args.model}: {len(problems)} file(s) failed verification")
-    print(f"{args.model}: all files match their recorded sha256")
+    if not args.json:
+        print(f"{args.model}: all files match their recorded sha256")
 
 
-@command("predict", "run a prompt and print the next-token distribution at the last position")
+@command("predict", "run a prompt and print the next-token distribution at the analysed position")
 def cmd_predict(p, args=None):
     if args is None:
-        p.add_argument("prompt", nargs="?", default=None)
-        p.add_argument("--ids", default=None, help="comma-separated token ids, used verbatim")
-        add_prepend_bos(p)
-        p.add_argument("--model", default=None, help="converted model directory")
-        p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-        p.add_argument("--top", type=positive_int, default=10)
-        p.add_argument("--generate", type=positive_int, default=None, help="greedy-decode this many tokens")
+        common(p, readout=False)
+        p.add_argument("--top", type=positive_int, default=10, help="K most probable next tokens")
+        p.add_argument("--generate", type=positive_int, default=None, metavar="N",
+                       help="also greedy-decode up to N tokens after the prompt (stops at the end-of-text token "
+                            "or the context length)")
         return
-    from .forward import forward, run
-    model = open_model(args)
-    if args.ids and args.prepend_bos is not None:
-        raise RefimplError("--prepend-bos/--no-prepend-bos apply to a text PROMPT; --ids are used verbatim")
-    ids = parse_ids(args.ids) if args.ids else model.encode(args.prompt or "", args.prepend_bos)
+    from . import display
+    from .forward import forward
+    from .output import target_info
+    model, trace, t, w, _ = prepare(args)
+    lp = trace.log_probs[t]
+    top = [target_info(model, lp, int(i)) for i in np.argsort(-lp, kind="stable")[:args.top]]
+    body = {"top": top}
+    shown = display.tokens(model, trace.ids)
+    text = [f"tokens: {' '.join(shown)}", f"next token at position {t} ({shown[t]}):",
+            f"{'rank':>4}  {'id':>6}  {'token':<20} {'p':>9}  {'log p':>10}"]
+    text += [f"{x['rank']:>4}  {x['id']:>6}  {display.show(x['token'], x['piece']):<20} {x['prob']:>9.6f}  "
+             f"{x['log_prob']:>10.6f}" for x in top]
+    if args.target is not None or args.target_id is not None:
+        tg = target_info(model, lp, w)
+        text.append(f"target {display.show(tg['token'], tg['piece'])} (id {tg['id']}): p={tg['prob']:.6f} "
+                    f"log p={tg['log_prob']:.6f} rank {tg['rank']}")
     if args.generate:
-        out = list(ids)
+        if t != trace.T - 1:
+            raise RefimplError("--generate continues after the last position; it cannot be combined with --position")
+        out, stop = [int(i) for i in trace.ids], "length"
         for _ in range(args.generate):
+            if len(out) >= model.cfg.n_ctx:
+                stop = "context"
+                break
             nxt = int(np.argmax(forward(model, out).log_probs[-1]))
-            if nxt in model.cfg.prepend_ids or len(out) >= model.cfg.n_ctx:
+            if nxt in model.cfg.prepend_ids or nxt == model.cfg.special_tokens.get("eos"):
+                stop = "end_of_text"
                 break
             out.append(nxt)
-        print(model.decode(out))
-        return
-    trace = run(model, ids)
-    lp = trace.log_probs[-1]
-    print("tokens:", " ".join(repr(t) for t in trace.tokens))
-    for r, w in enumerate(np.argsort(-lp, kind="stable")[:args.top]):
-        print(f"{r:>3}  {int(w):>6}  {model.token_str(w)!r:<20} p={np.exp(lp[w]):.6f}  log p={lp[w]:.6f}")
+        new = out[trace.T:]
+        body["generated"] = {"ids": new, "tokens": [model.token_str(i) for i in new], "text": model.decode(out),
+                             "stop": stop}
+        text.append(f"greedy continuation ({len(new)} tokens, stopped at {stop.replace('_', ' ')}):")
+        text.append(model.decode(out))
+    emit(args, body, "\n".join(text))
 
 
 @command("models", "list the models shipped with the package")
 def cmd_models(p, args=None):
     if args is None:
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         return
     from .embedded import DATA, DEFAULT, embedded_models
-    names = embedded_models()
-    if not names:
-        print("no embedded models installed")
-    for n in names:
+    rows = []
+    for n in embedded_models():
         with open(os.path.join(DATA, n, "config.json")) as f:
             c = json.load(f)
-        print(f"{n}{' (default)' if n == DEFAULT else ''}: {c['family']}, {c['n_layers']} layers, d_model {c['d_model']}, "
-              f"vocabulary {c['d_vocab']}  [{os.path.join(DATA, n)}]")
+        rows.append({"name": n, "default": n == DEFAULT, "path": os.path.join(DATA, n), "family": c["family"],
+                     "n_layers": c["n_layers"], "d_model": c["d_model"], "d_vocab": c["d_vocab"]})
+    text = [f"{r['name']}{' (default)' if r['default'] else ''}: {r['family']}, {r['n_layers']} layers, "
+            f"d_model {r['d_model']}, vocabulary {r['d_vocab']}  [{r['path']}]" for r in rows]
+    emit(args, {"models": rows}, "\n".join(text) if rows else "no embedded models installed")
 
 
 @command("prepare", "one-time work per model: per-neuron score ranges (exact counts) and a compute-dtype weight copy")
 def cmd_prepare(p, args=None):
     if args is None:
-        p.add_argument("--model", default=None, help="converted model directory (default: the embedded model)")
-        p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"])
+        model_options(p)
+        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"],
+                       help="the readout whose per-neuron ranges are computed")
         p.add_argument("--weight-cache", choices=["auto", "yes", "no"], default="auto",
                        help="write the weights converted to --dtype (auto: when the copy is at most 8 GB)")
         return

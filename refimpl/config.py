@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import FormatError
 
@@ -108,10 +108,11 @@ class Config:
             raise FormatError("config.json: not a JSON object")
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
-        try:
-            cfg = cls(**known)
-        except TypeError as e:
-            raise FormatError(f"config.json: missing or invalid field ({e})") from None
+        missing = [f.name for f in fields(cls) if f.name in names and f.name not in known
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise FormatError(f"config.json: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        cfg = cls(**known)
         cfg.extra = {k: v for k, v in d.items() if k not in names}
         return cfg
 
@@ -141,6 +142,11 @@ def read_json_object(path: str, missing: str) -> dict:
 
 def read_config(model_dir: str) -> Config:
     path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path) or not _looks_canonical(path):
+        from .checkpoints import unconverted_message          # a checkpoint: say what it is, how to convert
+        msg = unconverted_message(model_dir)
+        if msg:
+            raise FormatError(msg)
     d = read_json_object(path, f"{model_dir}: not a converted model directory (no config.json); "
                                f"run `refimpl convert` first")
     if d.get("format") not in (None, "refimpl-canonical"):
@@ -150,3 +156,12 @@ def read_config(model_dir: str) -> Config:
     except FormatError as e:            # name the file, not just "config.json"
         msg = str(e)
         raise FormatError(f"{path}: {msg[len('config.json: '):] if msg.startswith('config.json: ') else msg}") from None
+
+
+def _looks_canonical(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return True                     # read_json_object reports what is wrong with it
+    return not isinstance(d, dict) or "format" in d or "model_type" not in d

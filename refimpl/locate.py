@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from . import bounds, tracing
+from . import bounds, display, output, tracing
 from .compare import bs_difference_changes
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
@@ -71,10 +71,13 @@ def resolve_versus(model, log_probs_t: np.ndarray, w: int, versus=None, versus_i
     return b, "--versus"
 
 
+@output.collected
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
            readout: str = "frozen", exhaustive: bool = False, counts="auto", versus=None, versus_id=None,
            prepend_bos: bool | None = None) -> dict:
-    """The report as a dict (the `--json` contract). counts: True, False or "auto" (the per-layer
+    """The report as a dict: the one place the `refimpl locate --json` object is built (schema
+    refimpl/data/schemas/locate.json), also what `refimpl.locate(...).to_dict()` returns and
+    each record of `refimpl batch`. counts: True, False or "auto" (the per-layer
     helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
     small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
     has cached those ranges already). versus / versus_id: the token of the bs-value difference
@@ -87,19 +90,14 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     if model.cfg.d_vocab > 1:
         b, how = resolve_versus(model, trace.log_probs[t], w, versus, versus_id)
     R = trace.readout(t, readout)
-    lp = trace.log_probs[t]
     result = {
-        "ids": [int(i) for i in trace.ids], "tokens": trace.tokens, "position": t, "prepend_bos": prepend_bos,
-        "target": {"id": w, "token": model.token_str(w), "log_prob": float(lp[w]), "prob": float(np.exp(lp[w])),
-                   "rank": rank_of(lp, w),
-                   # log p(w) of the final state read out with this readout: the model's own value
-                   # for frozen and lens, another number for frozen-nobias (beta dropped) and raw
-                   "readout_log_prob": float(R.log_prob(trace.final[t], w))},
-        "prediction": {"id": int(np.argmax(lp)), "token": model.token_str(int(np.argmax(lp))),
-                       "prob": float(np.exp(lp.max()))},
-        "readout": readout, "dtype": str(model.dtype), "exhaustive": bool(exhaustive),
+        **output.header("locate", trace, prompt_or_ids, t, w, readout), "prepend_bos": prepend_bos,
+        "exhaustive": bool(exhaustive),
         "layers": layer_significance(trace, w, t, R),
     }
+    # log p(w) of the final state read out with this readout: the model's own value for frozen
+    # and lens, another number for frozen-nobias (beta dropped) and raw
+    result["readout_log_prob"] = float(R.log_prob(trace.final[t], w))
     # attention subvalues by source position, heads summed, over all layers: exact top-K
     att = top_attn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
     attn = [(int(i), int(j)) for i, j in zip(att["layer"], att["position"])]
@@ -113,17 +111,19 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     vecs += [attn_neuron_subvalues(trace, int(i), t, [h], [e], [j])[0]
              for i, h, e, j in zip(an["layer"], an["head"], an["dim"], an["position"])]
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
-    toks = lambda row: [model.token_str(x) for x in top_ids(row, N_TOP_TOKENS)]
+    def toks(row):                  # {"top_tokens": decoded strings, "top_token_ids": their ids}
+        ids = [int(x) for x in top_ids(row, N_TOP_TOKENS)]
+        return {"top_tokens": [model.token_str(x) for x in ids], "top_token_ids": ids}
     tops = [{"kind": "attn", "layer": i, "index": j, "source_token": trace.tokens[j],
              "log_prob_increase": float(c), "prob_increase": float(p),
-             "target_rank": rank_of(bs[n], w), "top_tokens": toks(bs[n])}
+             "target_rank": rank_of(bs[n], w), **toks(bs[n])}
             for n, ((i, j), c, p) in enumerate(zip(attn, att["log_prob_increase"], att["prob_increase"]))]
     nf = len(ffn["layer"])
     for n, (i, k, c, p) in enumerate(zip(ffn["layer"], ffn["neuron"], ffn["log_prob_increase"], ffn["prob_increase"])):
         row, fc2 = bs[len(attn) + n], bs[len(attn) + nf + n]
         tops.append({"kind": "ffn", "layer": int(i), "index": int(k), "log_prob_increase": float(c),
                      "prob_increase": float(p), "target_rank": rank_of(row, w), "target_rank_in_fc2": rank_of(fc2, w),
-                     "coefficient": float(trace.layers[int(i)].m[t, int(k)]), "top_tokens": toks(row)})
+                     "coefficient": float(trace.layers[int(i)].m[t, int(k)]), **toks(row)})
     base = len(attn) + 2 * nf
     for n, (i, h, e, j, c, p) in enumerate(zip(an["layer"], an["head"], an["dim"], an["position"],
                                                 an["log_prob_increase"], an["prob_increase"])):
@@ -132,7 +132,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
                      "head": int(h), "dim": int(e), "position": int(j),
                      "source_token": trace.tokens[int(j)], "log_prob_increase": float(c), "prob_increase": float(p),
                      "coefficient": float(attn_neuron_coefficients(trace, int(i), t)[h, e, j]),
-                     "target_rank": rank_of(row, w), "top_tokens": toks(row)})
+                     "target_rank": rank_of(row, w), **toks(row)})
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
@@ -150,10 +150,10 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         result["activation_trace"] = activation_report(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t, R)
     if model.cfg.d_vocab > 1:
         d = bs_difference_changes(trace, w, b, t, R)
-        result["bs_difference"] = {"target": {"id": w, "token": model.token_str(w)},
-                                   "versus": {"id": b, "token": model.token_str(b), "chosen_by": how},
+        result["bs_difference"] = {"target": output.token_info(model, w),
+                                   "versus": {**output.token_info(model, b), "chosen_by": how},
                                    "start": d["start"], "end": d["end"], "layers": d["layers"]}
-    result["seconds"] = time.perf_counter() - t0
+    result["timing"] = {"seconds": time.perf_counter() - t0}
     return result
 
 
@@ -171,24 +171,37 @@ def activation_report(trace, i: int, k: int, t: int, R) -> list[dict]:
             order = np.argsort(-sign * lvl2["values"], kind="stable")[:5]
             labels, vals = lvl2["labels"], lvl2["values"]
             _, sv = tracing.source_subvalues(trace, best["source"], t)
+            top = [[int(x) for x in top_ids(R.bs(sv[j]), 5)] for j in order]
             lvl1["top_source"] = {"source": best["source"], "subvalues": [
-                {"label": labels[j], "value": float(vals[j]),
-                 "top_tokens": [model.token_str(x) for x in top_ids(R.bs(sv[j]), 5)]} for j in order]}
+                {"label": labels[j], "value": float(vals[j]), "top_tokens": [model.token_str(x) for x in ids],
+                 "top_token_ids": ids} for j, ids in zip(order, top)]}
         out.append(lvl1)
     return out
 
 
 # --- text report -------------------------------------------------------------------------
 
-def format_report(r: dict) -> str:
+def format_report(r: dict, model=None) -> str:
+    """The text report of a locate object r. Tokens read as refimpl.display shows them (␣ for
+    a space); `model` (the one r was made with) tells SentencePiece word starts in top lists."""
     tgt, lines = r["target"], []
-    lines.append("prompt tokens: " + " ".join(f"[{i}]{tok!r}" for i, tok in zip(r["ids"], r["tokens"])))
-    lines.append(f"analysed position: {r['position']} ({r['tokens'][r['position']]!r}); readout: {r['readout']}; "
+    pieces = r.get("pieces") or [None] * len(r["tokens"])
+    prompt = [display.show(tok, pc) for tok, pc in zip(r["tokens"], pieces)]
+
+    def top_list(s, n):
+        if model is not None and "top_token_ids" in s:
+            return " ".join(display.token(model, i) for i in s["top_token_ids"][:n])
+        return " ".join(display.show(x) for x in s["top_tokens"][:n])
+
+    lines.append("prompt tokens: " + " ".join(f"[{i}]{tok}" for i, tok in zip(r["ids"], prompt)))
+    lines.append(f"analysed position: {r['position']} ({prompt[r['position']]}); readout: {r['readout']}; "
                  f"dtype {r['dtype']}")
-    lines.append(f"prediction: {r['prediction']['token']!r} p={r['prediction']['prob']:.4f}")
-    lines.append(f"target: {tgt['token']!r} (id {tgt['id']}) log p={tgt['log_prob']:.4f} p={tgt['prob']:.4f} rank {tgt['rank']}")
-    if abs(tgt.get("readout_log_prob", tgt["log_prob"]) - tgt["log_prob"]) > 1e-9:
-        lines.append(f"  (the {r['readout']} readout of the final state gives log p={tgt['readout_log_prob']:.4f}, "
+    pred = r["prediction"]
+    lines.append(f"prediction: {display.show(pred['token'], pred.get('piece'))} p={pred['prob']:.4f}")
+    lines.append(f"target: {display.show(tgt['token'], tgt.get('piece'))} (id {tgt['id']}) log p={tgt['log_prob']:.4f} "
+                 f"p={tgt['prob']:.4f} rank {tgt['rank']}")
+    if abs(r.get("readout_log_prob", tgt["log_prob"]) - tgt["log_prob"]) > 1e-9:
+        lines.append(f"  (the {r['readout']} readout of the final state gives log p={r['readout_log_prob']:.4f}, "
                      f"not the model's; the layer scores below sum to it minus log p at Lin_0)")
     lines.append("")
     lines.append("layer significance for the target (log-probability increase / probability increase):")
@@ -205,12 +218,12 @@ def format_report(r: dict) -> str:
         lines.append("")
         lines.append(f"top {title}:")
         for s in (x for x in r["top_subvalues"] if x["kind"] == kind):
-            where = (f"L{s['layer']} pos {s['index']} {s['source_token']!r}" if kind == "attn"
+            where = (f"L{s['layer']} pos {s['index']} {prompt[s['index']]}" if kind == "attn"
                      else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}" if kind == "ffn"
-                     else f"L{s['layer']} h{s['head']} d{s['dim']} pos {s['position']} {s['source_token']!r}")
+                     else f"L{s['layer']} h{s['head']} d{s['dim']} pos {s['position']} {prompt[s['position']]}")
             extra = f" fc2-rank {s['target_rank_in_fc2']}" if kind == "ffn" else ""
             lines.append(f"  {where:<28} logp {s['log_prob_increase']:+.4f}  p {s['prob_increase']:+.4f}  "
-                         f"target rank {s['target_rank']}{extra}  top: {' '.join(repr(x) for x in s['top_tokens'][:8])}")
+                         f"target rank {s['target_rank']}{extra}  top: {top_list(s, 8)}")
     if "ffn_counts_note" in r:
         lines += ["", r["ffn_counts_note"]]
     if "ffn_counts" in r:
@@ -230,15 +243,17 @@ def format_report(r: dict) -> str:
             ts = a["top_source"]
             lines.append(f"  largest source {ts['source']}, by subvalue:")
             for s in ts["subvalues"]:
-                lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {' '.join(repr(x) for x in s['top_tokens'])}")
+                lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {top_list(s, 5)}")
     if "bs_difference" in r:
         d = r["bs_difference"]
         how = "the runner-up; --versus to choose" if d["versus"]["chosen_by"] == "runner-up" else "--versus"
+        a_, b_ = (display.show(x["token"], x.get("piece")) for x in (d["target"], d["versus"]))
         lines.append("")
-        lines.append(f"bs-value difference {d['target']['token']!r} - {d['versus']['token']!r} ({how}): "
-                     f"{d['start']:+.4f} at Lin_0, {d['end']:+.4f} at the end; change per layer (Fig. 10-11):")
+        lines.append(f"bs-value difference {a_} - {b_} ({how}): {d['start']:+.4f} at Lin_0, {d['end']:+.4f} at "
+                     f"the end; change per layer (Fig. 10-11):")
         lines += [f"  layer {x['layer']:>3}: attn {x['attn']:+.4f}  ffn {x['ffn']:+.4f}" for x in d["layers"]]
     lines.append("")
     lines.append(f"({r['ffn_scored']} FFN subvalues, {r['attn_scored']} attention subvalues and "
-                 f"{r['attn_neuron_scored']} attention neurons scored exactly for the top-K; {r['seconds']:.2f} s)")
+                 f"{r['attn_neuron_scored']} attention neurons scored exactly for the top-K; "
+                 f"{r['timing']['seconds']:.2f} s)")
     return "\n".join(lines)

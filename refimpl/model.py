@@ -62,6 +62,12 @@ class Model:
         self._check_tensors()
         self.upcast_cache = self._open_upcast_cache()
 
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"Model({os.path.basename(os.path.normpath(self.path))!r}, family={c.family}, n_layers={c.n_layers}, "
+                f"d_model={c.d_model}, n_heads={c.n_heads}, d_ff={c.d_ff}, d_vocab={c.d_vocab}, "
+                f"dtype={self.dtype.name}, path={self.path!r})")
+
     # -- the prepared weight cache ---------------------------------------------------------
     def upcast_cache_path(self) -> str:
         from .bounds import cache_dir

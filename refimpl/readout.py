@@ -23,6 +23,7 @@ two-level log-softmax.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -162,6 +163,13 @@ class Readout:
         self._offset = None
         self._memo: dict = {}
         self._trace_ref, self._trace_memo = None, {}
+
+    def __repr__(self) -> str:
+        norm = f"{self.model.cfg.norm} frozen at the analysed state" if self.kind == "frozen" and self.has_norm \
+            else self.model.cfg.norm if self.has_norm else "no final norm"
+        head = "adaptive softmax" if self.head.adaptive else "linear unembedding"
+        return (f"Readout({self.kind!r}, {norm}, {head}, d_vocab={self.model.cfg.d_vocab}, "
+                f"model={os.path.basename(os.path.normpath(self.model.path))!r})")
 
     # -- the linear map A and the offset c --------------------------------------------
     def normalise(self, V: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ demand (see decomposition.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ from . import decomposition as dec
 from .readout import Readout
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerTrace:
     """One layer at every position. Shapes: T positions, H heads, H_kv kv heads, F FFN width."""
     lin: np.ndarray        # [T, d]    Lin_i
@@ -31,8 +32,12 @@ class LayerTrace:
     gate_pre: np.ndarray | None   # [T, F] SwiGLU gate pre-activation
     m: np.ndarray          # [T, F]   FFN coefficients m_i^k (Eq. 9)
 
+    def __repr__(self) -> str:
+        T, d = self.lin.shape
+        return f"LayerTrace(T={T}, d_model={d}, n_heads={self.pattern.shape[0]}, d_ff={self.m.shape[1]})"
 
-@dataclass
+
+@dataclass(repr=False)
 class Trace:
     model: object
     ids: np.ndarray            # [T]
@@ -41,6 +46,13 @@ class Trace:
     layers: list               # [LayerTrace] * n_layers
     log_probs: np.ndarray      # [T, V] natural-log next-token distribution
     logits: np.ndarray | None  # [T, V] where the family has plain logits
+
+    def __repr__(self) -> str:
+        from .display import tokens
+        toks = tokens(self.model, self.ids[:12])
+        more = f" ... ({self.T} tokens)" if self.T > 12 else ""
+        return (f"Trace({os.path.basename(os.path.normpath(self.model.path))!r}, {len(self.layers)} layers, "
+                f"{self.T} tokens: {' '.join(toks)}{more})")
 
     # -- residual stream -------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 """Every analysis against a DIRECT, SLOW transcription of its definition.
 
-The references below are written from DESIGN.md sections 1-2 and docs/format.md: they
+The references below are written from the paper's definitions and docs/format.md: they
 read the model's stored weights (`model.stored`) and the trace's stored vectors
 (Lin/Lres/Lout/ATTN/FFN, alpha, v, m) and never call refimpl's readout, decomposition
 or analysis code. Everything is float64 on random models of the three families

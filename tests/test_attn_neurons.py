@@ -191,11 +191,16 @@ def test_cli_subvalues_and_locate(capsys):
     tr = refimpl.run(model, IDS)
     w = int(np.argmax(tr.log_probs[-1]))
     assert cli_main(["subvalues", "--model", model.path, "--ids", ids, "--layer", "1", "--kind", "attn",
-                     "--by", "head-neuron", "--json"]) == 0
+                     "--by", "head-neuron", "--top", "all", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["by"] == "head_neuron_position" and out["index"] == ["head", "dim", "position"]
-    want = sig.attn_subvalue_significance(tr, 1, w, -1, "head_neuron_position")
-    assert np.array_equal(np.array(out["log_prob_increase"]), want["log_prob_increase"])
+    want = sig.attn_subvalue_significance(tr, 1, w, -1, "head_neuron_position")["log_prob_increase"]
+    assert out["by"] == "head_neuron_position" and out["n_subvalues"] == len(out["subvalues"]) == want.size
+    got = np.full(want.shape, np.nan)
+    for e in out["subvalues"]:
+        got[e["head"], e["dim"], e["position"]] = e["log_prob_increase"]
+        assert e["source_token"] == model.token_str(IDS[e["position"]])
+    assert np.array_equal(got, want)
+    assert [e["log_prob_increase"] for e in out["subvalues"]] == sorted(want.ravel(), reverse=True)
     results = []
     for extra in ([], ["--exhaustive"]):
         assert cli_main(["locate", "--model", model.path, "--ids", ids, "--top", "7", "--json", *extra]) == 0

@@ -136,12 +136,21 @@ def refimpl_all(capsys, model_dir, readout):
     common = ["--model", model_dir, "--ids", ids, "--readout", readout, "--json", "--dtype", "float64"]
     loc = run_json(capsys, "locate", *common, "--top", str(TOP))
     per_layer = []
+    T, dh = len(IDS), D // HEADS
     for i in range(LAYERS):
-        ffn = run_json(capsys, "subvalues", *common, "--layer", str(i), "--kind", "ffn")
-        pos = run_json(capsys, "subvalues", *common, "--layer", str(i), "--kind", "attn", "--by", "position")
-        neu = run_json(capsys, "subvalues", *common, "--layer", str(i), "--kind", "attn", "--by", "head-neuron")
-        per_layer.append((np.array(ffn["log_prob_increase"]), np.array(pos["log_prob_increase"]),
-                          np.array(neu["log_prob_increase"])))
+        out = []
+        for extra, shape, where in ((["--kind", "ffn"], (4 * D,), lambda e: (e["neuron"],)),
+                                    (["--kind", "attn", "--by", "position"], (T,), lambda e: (e["position"],)),
+                                    (["--kind", "attn", "--by", "head-neuron"], (HEADS, dh, T),
+                                     lambda e: (e["head"], e["dim"], e["position"]))):
+            r = run_json(capsys, "subvalues", *common, "--layer", str(i), *extra, "--top", "all")
+            assert r["n_subvalues"] == len(r["subvalues"]) == int(np.prod(shape))
+            c = np.full(shape, np.nan)
+            for e in r["subvalues"]:
+                c[where(e)] = e["log_prob_increase"]
+            assert not np.isnan(c).any()
+            out.append(c)
+        per_layer.append(tuple(out))
     return loc, per_layer
 
 
@@ -171,9 +180,9 @@ def test_frozen_nobias_reproduces_the_authors_method(setup, capsys):
         worst[f"attn neurons L{i}"] = float(np.abs(neu - ref_neu[i]).max())
     # the final state read out their way is not the model's distribution; the layer scores telescope to it
     final = A.cap["final"][A.t]
-    worst["final readout"] = abs(loc["target"]["readout_log_prob"] - float(A.log_p(final).detach()))
-    assert abs(loc["target"]["readout_log_prob"] - loc["target"]["log_prob"]) > 1e-6
-    worst["telescoping"] = abs(sum(a + f for a, f in got) - (loc["target"]["readout_log_prob"]
+    worst["final readout"] = abs(loc["readout_log_prob"] - float(A.log_p(final).detach()))
+    assert abs(loc["readout_log_prob"] - loc["target"]["log_prob"]) > 1e-6
+    worst["telescoping"] = abs(sum(a + f for a, f in got) - (loc["readout_log_prob"]
                                                               - float(A.log_p(A.layer_in[0][A.t]).detach())))
     print("\nmax |refimpl frozen-nobias - authors' method|:", {k: f"{v:.1e}" for k, v in worst.items()})
     assert max(worst.values()) <= TOL, worst

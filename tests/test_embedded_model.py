@@ -95,8 +95,8 @@ def test_tokenizer_names_are_single_words(model):
 def test_cli_locate_default_model(capsys):
     assert cli.main(["locate", "The capital of France is"]) == 0
     out = capsys.readouterr().out
-    assert "prediction: 'Paris'" in out
-    assert "target: 'Paris'" in out
+    assert "prediction: Paris p=" in out
+    assert "target: Paris (id" in out
     assert "layer significance" in out
 
 

@@ -1,4 +1,4 @@
-"""Property tests: every identity of DESIGN.md section 5 on random models of all three families.
+"""Property tests: every exact identity of the method on random models of all three families.
 
 float64: 1e-12 relative; float32: float32 rounding (a few hundred ulps of the largest term).
 """

@@ -1,6 +1,6 @@
 """`locate --plots`: every figure is a real PNG, its data is in the JSON result, and the data
-agrees with an independent recomputation (a direct NumPy readout written from DESIGN.md
-section 2, not refimpl's readout/significance/compare code)."""
+agrees with an independent recomputation (a direct NumPy readout written from the frozen readout's definition
+in docs/design-choices.md, not refimpl's readout/significance/compare code)."""
 import contextlib
 import io
 import json

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import refimpl
+from refimpl import display
 from refimpl.cli import main as cli_main
 from refimpl.embedded import resolve_model
 from refimpl.errors import RefimplError
@@ -55,8 +56,10 @@ def test_prepend_bos_cli(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["tokens"][0] == "<|endoftext|>" and r["tokens"][1:] == ["The", "capital", "of", "France", "is"]
     assert cli_main(["layers", "--model", emb, "The capital of France is", "--no-prepend-bos", "--json"]) == 0
-    assert cli_main(["predict", "--model", emb, "The capital of France is", "--prepend-bos"]) == 0
-    assert "'<|endoftext|>' 'The'" in capsys.readouterr().out
+    assert json.loads(capsys.readouterr().out)["tokens"][0] == "The"
+    assert cli_main(["predict", "--model", emb, "The capital of France is", "--prepend-bos", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ids"][0] == 0 and r["tokens"][:2] == ["<|endoftext|>", "The"] and r["position"] == 5
     for argv in (["locate", "--ids", "5,9", "--prepend-bos"], ["subvalues", "--ids", "5,9", "--layer", "0",
                                                                "--no-prepend-bos"], ["predict", "--ids", "5", "--prepend-bos"]):
         assert cli_main(argv) == 2
@@ -93,7 +96,7 @@ def test_versus(family):
         near([d["start"], d["end"]], [start, end], "bs difference ends")
         near([[x["attn"], x["ffn"]] for x in d["layers"]], layers, "bs difference per layer")
         text = format_report(r)
-        assert f"bs-value difference {model.token_str(a)!r} - {model.token_str(b)!r}" in text
+        assert f"bs-value difference {display.token(model, a)} - {display.token(model, b)} (" in text
         assert ("runner-up" in text) == (how == "runner-up")
     with pytest.raises(RefimplError, match="target itself"):
         locate(model, IDS, versus_id=order[0])
@@ -104,8 +107,8 @@ def test_versus_cli_and_plots(tmp_path, capsys):
     assert cli_main(["locate", "The capital of France is", "--versus", "Lyon", "--top", "1", "--json",
                      "--plots", str(tmp_path / "figs")]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["bs_difference"]["versus"] == {"id": r["figure_data"]["bs_difference"]["b"], "token": "Lyon",
-                                            "chosen_by": "--versus"}
+    v = r["bs_difference"]["versus"]
+    assert (v["id"], v["token"], v["chosen_by"]) == (r["figure_data"]["bs_difference"]["b"], "Lyon", "--versus")
     assert r["figure_data"]["bs_difference"]["tokens"] == ["Paris", "Lyon"]
     assert r["figure_data"]["bs_trajectory"]["tokens"][:2] == ["Paris", "Lyon"]
     near(r["figure_data"]["bs_difference"]["end"], r["bs_difference"]["end"], "plot and report agree")
