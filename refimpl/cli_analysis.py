@@ -26,24 +26,34 @@ def cmd_locate(p, args=None):
     if args is None:
         common(p)
         p.add_argument("--top", type=positive_int, default=10, help="K best subvalues of each kind")
-        p.add_argument("--exhaustive", action="store_true", help="score every FFN subvalue by brute force")
+        p.add_argument("--exhaustive", action="store_true",
+                       help="score every FFN subvalue, attention subvalue and attention neuron by brute force "
+                            "(default: the same exact top-K found with bounds)")
         p.add_argument("--counts", choices=["auto", "yes", "no"], default="auto",
                        help="per-layer helpful/unhelpful counts (auto: on small models, after "
                             "`refimpl prepare`, and with --exhaustive)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
         p.add_argument("--force", action="store_true", help="with --plots: replace figures already in DIR")
+        p.add_argument("--versus", default=None, metavar="TOKEN",
+                       help="compare the target's bs-value with this token (Fig. 10-11; a single token; "
+                            "default: the runner-up, the most probable other token)")
+        p.add_argument("--versus-id", type=int, default=None, metavar="ID",
+                       help="the same, by token id (default: the runner-up)")
         return
     from .locate import format_report, locate
     model = open_model(args)
     src = prompt_source(args)
     if args.force and not args.plots:
         raise RefimplError("--force only applies to --plots (it replaces existing figures)")
+    if args.versus is not None and args.versus_id is not None:
+        raise RefimplError("give either --versus or --versus-id, not both")
     if args.plots:
         from .plots import check_outdir, require_matplotlib
         require_matplotlib()
         check_outdir(args.plots, args.force)
     r = locate(model, src, target=args.target, target_id=args.target_id, position=args.position, top=args.top,
-               readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts])
+               readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts],
+               versus=args.versus, versus_id=args.versus_id, prepend_bos=args.prepend_bos)
     if args.plots:
         from .plots import write_figures
         r["figures"] = write_figures(model, src, r, args.plots, force=args.force)
@@ -67,14 +77,21 @@ def cmd_layers(p, args=None):
     emit(args, {"layers": rows}, "\n".join(text))
 
 
+# --by for attention subvalues: CLI spelling -> Trace.attn_subvalues' `by`
+ATTN_BY = {"position": "position", "head": "head", "head_position": "head_position",
+           "head-neuron": "head_neuron_position"}
+
+
 @command("subvalues", "subvalue significance of one layer (attention by position/head, or FFN neurons)")
 def cmd_subvalues(p, args=None):
     if args is None:
         common(p)
         p.add_argument("--layer", type=int, required=True, help="layer index, 0-based")
         p.add_argument("--kind", choices=["attn", "ffn"], default="ffn", help="attention or FFN subvalues")
-        p.add_argument("--by", choices=["position", "head", "head_position"], default=None,
-                       help="how attention subvalues are split (with --kind attn; default: position)")
+        p.add_argument("--by", choices=list(ATTN_BY), default=None,
+                       help="how attention subvalues are split (with --kind attn; default: position): by source "
+                            "position (heads summed), head, head_position, or head-neuron (attention neurons: "
+                            "head, head dimension, source position)")
         p.add_argument("--top", type=_top, default=10, metavar="K",
                        help="list the K best subvalues (`all`: every one)")
         return
@@ -83,7 +100,7 @@ def cmd_subvalues(p, args=None):
     from .significance import attn_subvalue_significance, ffn_layer_summary, ffn_subvalue_significance
     model, trace, t, w, R = prepare(args)
     check_layer(model, args.layer)
-    by = args.by or "position"
+    by = ATTN_BY[args.by or "position"]
     body = {"layer": args.layer, "kind": args.kind, "by": by if args.kind == "attn" else None}
     if args.kind == "attn":
         s = attn_subvalue_significance(trace, args.layer, w, t, by, R)
@@ -106,14 +123,17 @@ def cmd_subvalues(p, args=None):
             e.update(position=ix[0], source_token=trace.tokens[ix[0]])
         elif by == "head":
             e.update(head=ix[0])
-        else:
+        elif by == "head_position":
             e.update(head=ix[0], position=ix[1], source_token=trace.tokens[ix[1]])
+        else:                                                               # attention neuron
+            e.update(head=ix[0], dim=ix[1], position=ix[2], source_token=trace.tokens[ix[2]])
         e.update(log_prob_increase=float(c[ix]), prob_increase=float(pinc[ix]))
         entries.append(e)
     body.update(n_subvalues=int(flat.size), subvalues=entries, bias=bias)
     if args.kind == "ffn":
         body["summary"] = ffn_layer_summary(trace, args.layer, w, t, R, scores=c)
-    what = {"ffn": "neuron", "position": "source position", "head": "head", "head_position": "head, position"}
+    what = {"ffn": "neuron", "position": "source position", "head": "head", "head_position": "head, position",
+            "head_neuron_position": "head, dim, position"}
     label = what["ffn" if args.kind == "ffn" else by]
     shown = len(entries) if args.top is None else min(args.top, flat.size)
     text = [f"layer {args.layer} {'FFN' if args.kind == 'ffn' else 'attention'} subvalues for target {_tok(model, w)}: "
@@ -126,8 +146,10 @@ def cmd_subvalues(p, args=None):
             where = f"pos {e['position']} {_tok(model, trace.ids[e['position']])}"
         elif by == "head":
             where = f"head {e['head']}"
-        else:
+        elif by == "head_position":
             where = f"head {e['head']} pos {e['position']} {_tok(model, trace.ids[e['position']])}"
+        else:
+            where = f"h{e['head']} d{e['dim']} pos {e['position']} {_tok(model, trace.ids[e['position']])}"
         text.append(f"  {e['rank']:>4}  {where:<22} {e['log_prob_increase']:>+10.5f} {e['prob_increase']:>+10.5f}")
     text.append(f"  {'bias':>4}  {'b_O' if args.kind == 'attn' else 'b_out':<22} {bias['log_prob_increase']:>+10.5f} "
                 f"{bias['prob_increase']:>+10.5f}")
@@ -220,7 +242,7 @@ def cmd_additivity(p, args=None):
     emit(args, {"layer": args.layer, "kind": args.kind, "steps": steps}, "\n".join(text))
 
 
-@command("subkey", "subkey of an FFN neuron and the exact decomposition of its pre-activation (Eq. 20-23)")
+@command("subkey", "subkey of an FFN neuron and the exact decomposition of its pre-activation (Section 3.3, Eq. 23)")
 def cmd_subkey(p, args=None):
     if args is None:
         common(p, target=False, readout=False)
@@ -261,8 +283,9 @@ def cmd_trace(p, args=None):
         p.add_argument("--which", choices=["in", "gate"], default=None, help="subkey (default: gate and in for SwiGLU)")
         p.add_argument("--source", default=None,
                        help="split one source vector (attn.J, ffn.J, emb.token, emb.position) into its subvalues")
-        p.add_argument("--by", choices=["position", "head", "head_position"], default=None,
-                       help="how an attention source splits (with --source attn.J; default: position)")
+        p.add_argument("--by", choices=list(ATTN_BY), default=None,
+                       help="how an attention source splits (with --source attn.J; default: position): by source "
+                            "position, head, head_position or head-neuron (head, head dimension, source position)")
         return
     if args.by is not None and not (args.source or "").startswith("attn."):
         no_effect("--by", "without --source attn.J (it splits an attention source into subvalues)")
@@ -274,7 +297,8 @@ def cmd_trace(p, args=None):
     out, text = [], []
     for which in whiches:
         if args.source:
-            r = tracing.trace_source(trace, args.layer, args.neuron, args.source, t, which, args.by or "position")
+            r = tracing.trace_source(trace, args.layer, args.neuron, args.source, t, which,
+                                     ATTN_BY[args.by or "position"])
             order = np.argsort(-np.abs(r["values"]), kind="stable")[:15]
             text.append(f"{which} subkey: {args.source} contributes {r['total']:+.5f}; by subvalue:")
             text += [f"  {r['labels'][j]:<28} {r['values'][j]:+.5f}" for j in order]
@@ -333,13 +357,17 @@ def cmd_baseline(p, args=None):
     if args is None:
         common(p)
         p.add_argument("--top", type=positive_int, default=10, help="K best FFN subvalues under each ranking")
+        p.add_argument("--signed", action="store_true",
+                       help="rank by m x ||fc2|| (negative coefficients last) instead of the paper's |m| x ||fc2|| "
+                            "(Table 4; the default)")
         return
     from .baseline import compare_rankings
     model, trace, t, w, R = prepare(args)
-    r = compare_rankings(trace, w, t, args.top, R)
+    r = compare_rankings(trace, w, t, args.top, R, signed=args.signed)
     text = [f"target {_tok(model, w)}"]
     for key in ("by_log_prob_increase", "by_coef_x_norm"):
-        text.append(f"{key.replace('_', ' ')}:")
-        text += [f"  L{x['layer']} n{x['neuron']:<6} logp {x['log_prob_increase']:+.4f}  coef*norm {x['coef_x_norm']:+.4f}  "
-                 f"target rank {x['target_rank']}" for x in r[key]]
+        text.append("by log-probability increase:" if key == "by_log_prob_increase" else f"by {r['score']}:")
+        text += [f"  L{x['layer']} n{x['neuron']:<6} logp {x['log_prob_increase']:+.4f}  m {x['coefficient']:+.4f}  "
+                 f"||fc2|| {x['fc2_norm']:.4f}  {r['score']} {x['coef_x_norm']:+.4f}  target rank {x['target_rank']}"
+                 for x in r[key]]
     emit(args, r, "\n".join(text))

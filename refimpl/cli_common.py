@@ -98,13 +98,16 @@ def common(p, target=True, readout=True, json=True):
     p.add_argument("prompt", nargs="?", default=None,
                    help="text prompt (tokenized, with the model family's start tokens put in front)")
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of PROMPT, used verbatim")
+    add_prepend_bos(p)
     model_options(p)
     p.add_argument("--position", type=int, default=None,
                    help="analysed position, 0-based; negative counts from the end (default: the last)")
     if readout:
-        p.add_argument("--readout", default="frozen", choices=["frozen", "raw", "lens"],
-                       help="vocabulary readout: final norm frozen at the analysed state, no norm, or the "
-                            "logit lens (docs/design-choices.md)")
+        p.add_argument("--readout", default="frozen", choices=["frozen", "frozen-nobias", "raw", "lens"],
+                       help="vocabulary readout (default frozen: the final norm's scale frozen at the analysed "
+                            "state, its bias kept, so the final state reads as the model's own log-probabilities; "
+                            "frozen-nobias: the authors' published convention, final LayerNorm bias dropped; "
+                            "raw: no final norm; lens: each vector normalised on its own; docs/design-choices.md)")
     if target:
         p.add_argument("--target", default=None,
                        help="target token: one vocabulary token, its leading space included where the "
@@ -115,12 +118,21 @@ def common(p, target=True, readout=True, json=True):
                        help="print one JSON object (schema in refimpl/data/schemas/, docs/json.md) instead of text")
 
 
+def add_prepend_bos(p):
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the tokenizer's start token before a text PROMPT (--no-prepend-bos: nothing). "
+                        "Default: the family's convention: nothing for GPT-2 (as the authors' code and the "
+                        "embedded model's training), BOS for Llama, </s> for fairseq")
+
+
 def prompt_source(args):
-    """The prompt text or the --ids list from the common options."""
+    """The prompt text or the --ids list from the common options (one error line otherwise)."""
     if args.ids is not None and args.prompt is not None:
         raise RefimplError("give either PROMPT or --ids, not both")
     if args.ids is None and args.prompt is None:
         raise RefimplError("no prompt given (PROMPT or --ids)")
+    if args.ids is not None and getattr(args, "prepend_bos", None) is not None:
+        raise RefimplError("--prepend-bos/--no-prepend-bos apply to a text PROMPT; --ids are used verbatim")
     return parse_ids(args.ids) if args.ids is not None else args.prompt
 
 
@@ -130,9 +142,9 @@ def prepare(args):
     from .locate import prompt_warnings, resolve_position, resolve_target
     model = open_model(args)
     src = prompt_source(args)
-    trace = run(model, src)
+    trace = run(model, src, getattr(args, "prepend_bos", None))
     t = resolve_position(trace, args.position)
-    w, notes = None, prompt_warnings(model, src)
+    w, notes = None, prompt_warnings(model, src, getattr(args, "prepend_bos", None))
     if hasattr(args, "target"):
         w = resolve_target(model, trace.log_probs[t], args.target, args.target_id, notes=notes)
     for msg in notes:                       # unknown prompt words, target notes: on stderr and in --json

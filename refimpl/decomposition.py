@@ -5,6 +5,11 @@ Attention output at query position t of layer i, split by source position j and 
     attn_i^{t.j,h} = alpha_h[t, j] * v_h[j] @ O_h            (Eq. 7-8, v includes b_V)
     ATTN_i[t]      = sum_{h, j} attn_i^{t.j,h} + b_O         (Eq. 5)
 
+and further by head dimension e (an "attention neuron", the unit the authors' published
+code scores; O_h[e] is row e of head h's output matrix):
+
+    attn_i^{t.j,h,e} = alpha_h[t, j] * v_h[j, e] * O_h[e]    sum_e attn_i^{t.j,h,e} = attn_i^{t.j,h}
+
 FFN output at position t of layer i, split by neuron k:
 
     ffn_i^k  = m_i^k * fc2_i^k = m[t, k] * W_out[k, :]        (Eq. 10)
@@ -38,6 +43,37 @@ def attn_subvalues_by_head_position(trace, i: int, t: int) -> np.ndarray:
     alpha = L.pattern[:, t, :t + 1]                                         # [H, t+1]
     weighted = alpha[:, :, None] * L.v[:t + 1, group].transpose(1, 0, 2)    # [H, t+1, dh]
     return np.einsum("hje,hed->hjd", weighted, W_O, optimize=True)          # [H, t+1, d]
+
+
+def attn_subvalues_by_head_neuron_position(trace, i: int, t: int) -> np.ndarray:
+    """attn_i^{t.j,h,e} [H, d_head, t+1, d]: alpha_h[t, j] * v_h[j, e] * O_h[e] for every head h,
+    head dimension ("attention neuron") e and source position j; summed over e they are the
+    head-and-position subvalues. Memory: H * d_head * (t+1) * d values."""
+    t = _check(trace, i, t)
+    cfg, L = trace.model.cfg, trace.layers[i]
+    group = np.arange(cfg.n_heads) // (cfg.n_heads // cfg.n_kv_heads)
+    W_O = trace.model.weight(f"blocks.{i}.attn.W_O")                       # [H, dh, d]
+    weighted = L.pattern[:, t, :t + 1, None] * L.v[:t + 1, group].transpose(1, 0, 2)   # [H, t+1, dh]
+    return np.einsum("hje,hed->hejd", weighted, W_O, optimize=True)         # [H, dh, t+1, d]
+
+
+def attn_neuron_coefficients(trace, i: int, t: int) -> np.ndarray:
+    """alpha_h[t, j] * v_h[j, e] [H, d_head, t+1]: the scalar that multiplies O_h[e] in each
+    attention-neuron subvalue."""
+    t = _check(trace, i, t)
+    cfg, L = trace.model.cfg, trace.layers[i]
+    group = np.arange(cfg.n_heads) // (cfg.n_heads // cfg.n_kv_heads)
+    return (L.pattern[:, t, :t + 1, None] * L.v[:t + 1, group].transpose(1, 0, 2)).transpose(0, 2, 1)
+
+
+def attn_neuron_subvalues(trace, i: int, t: int, heads, dims, positions) -> np.ndarray:
+    """The attention-neuron subvalues of the given (head, dim, position) triples [n, d],
+    without building the whole layer's [H, d_head, t+1, d]."""
+    t = _check(trace, i, t)
+    heads, dims, positions = (np.asarray(a, dtype=np.int64) for a in (heads, dims, positions))
+    coef = attn_neuron_coefficients(trace, i, t)[heads, dims, positions]   # [n]
+    W_O = trace.model.weight(f"blocks.{i}.attn.W_O")                       # [H, dh, d]
+    return coef[:, None] * W_O[heads, dims]                                 # [n, d]
 
 
 def attn_subvalues_by_position(trace, i: int, t: int) -> np.ndarray:
@@ -84,7 +120,8 @@ def embedding_parts(trace, t: int) -> dict[str, np.ndarray]:
 
 
 def layer_vectors(trace, t: int, upto: int | None = None, include_attn_of_upto: bool = False):
-    """The layer-level vectors that sum to a residual state at position t, in order.
+    """The layer-level vectors that sum to a residual state at position t, in order
+    (for Lres_i the paper's Eq. 21: Lres_i = Lin_0 + ATTN_0 + FFN_0 + ... + ATTN_i).
 
     [("emb.token", v), ("emb.position", v), ("attn.0", ATTN_0), ("ffn.0", FFN_0), ...]
     up to (excluding) layer `upto`; with `include_attn_of_upto`, ATTN_upto is appended,

@@ -161,10 +161,13 @@ def _report_non_finite(model: Model, tok, pos, layers) -> None:
                        f"{'tensor ' + names[0] if names else 'the output'}; run `refimpl verify`")
 
 
-def run(model: Model, prompt_or_ids) -> Trace:
-    """`refimpl.run`: text is tokenized with the family's start ids; a list of ints is used verbatim."""
+def run(model: Model, prompt_or_ids, prepend_bos: bool | None = None) -> Trace:
+    """`refimpl.run`: text is tokenized with the start ids `prepend_bos` asks for (None: the
+    family's convention, see Model.start_ids); a list of ints is used verbatim."""
     if isinstance(prompt_or_ids, str):
-        ids = model.encode(prompt_or_ids)
+        ids = model.encode(prompt_or_ids, prepend_bos)
     else:
+        if prepend_bos is not None:
+            raise RefimplError("prepend_bos applies to a text prompt; token ids are used verbatim")
         ids = [int(i) for i in prompt_or_ids]
     return forward(model, ids)

@@ -16,12 +16,14 @@ import warnings
 import numpy as np
 
 from . import bounds, display, output, tracing
+from .compare import bs_difference_changes
 from .config import short
+from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
 from .significance import layer_significance
-from .topk import ffn_counts, top_attn_subvalues, top_ffn_subvalues
+from .topk import ffn_counts, top_attn_neurons, top_attn_subvalues, top_ffn_subvalues
 
 N_TOP_TOKENS = 10
 AUTO_COUNTS_COST = 1e11     # embedded model 2.7e8, stories260K 2.8e7; GPT2-medium 5e12 (opt in with --counts yes)
@@ -102,13 +104,13 @@ def resolve_target(model, log_probs_t: np.ndarray, target: str | None = None, ta
     return tid
 
 
-def prompt_warnings(model, prompt) -> list[str]:
+def prompt_warnings(model, prompt, prepend_bos: bool | None = None) -> list[str]:
     """One line per prompt word the tokenizer turned into its unknown token (text prompts only)."""
     if not isinstance(prompt, str):
         return []
     unk = model.unk_id
     return [f"prompt word {short(word, 80)} is not in the vocabulary: it became the unknown token "
-            f"{_show(model, unk)} at position {pos}" for pos, word in model.unknown_words(prompt)]
+            f"{_show(model, unk)} at position {pos}" for pos, word in model.unknown_words(prompt, prepend_bos)]
 
 
 def resolve_position(trace, position: int | None) -> int:
@@ -123,35 +125,60 @@ def _top_tokens(model, R, v) -> list[str]:
     return [model.token_str(i) for i in top_ids(R.bs(v), N_TOP_TOKENS)]
 
 
+def resolve_versus(model, log_probs_t: np.ndarray, w: int, versus=None, versus_id=None) -> tuple[int, str]:
+    """The token the target's bs-value is compared with (Fig. 10-11): --versus / --versus-id, or
+    the runner-up (the most probable token other than the target). Returns (id, how chosen)."""
+    if versus is None and versus_id is None:
+        order = np.argsort(-log_probs_t, kind="stable")
+        return int(order[0] if order[0] != w else order[1]), "runner-up"
+    b = resolve_target(model, log_probs_t, versus, versus_id)
+    if b == w:
+        raise RefimplError(f"--versus {model.token_str(b)!r} is the target itself; choose another token")
+    return b, "--versus"
+
+
 @output.collected
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
-           readout: str = "frozen", exhaustive: bool = False, counts="auto") -> dict:
+           readout: str = "frozen", exhaustive: bool = False, counts="auto", versus=None, versus_id=None,
+           prepend_bos: bool | None = None) -> dict:
     """The report as a dict: the one place the `refimpl locate --json` object is built (schema
     refimpl/data/schemas/locate.json), also what `refimpl.locate(...).to_dict()` returns and
     each record of `refimpl batch`. counts: True, False or "auto" (the per-layer
     helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
     small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
-    has cached those ranges already)."""
+    has cached those ranges already). versus / versus_id: the token of the bs-value difference
+    (Fig. 10-11; default the runner-up). prepend_bos: the start token of a text prompt (None: the
+    family's convention, Model.start_ids)."""
     t0 = time.perf_counter()
-    trace = run(model, prompt_or_ids)
+    trace = run(model, prompt_or_ids, prepend_bos)
     t = resolve_position(trace, position)
-    notes = prompt_warnings(model, prompt_or_ids)
+    notes = prompt_warnings(model, prompt_or_ids, prepend_bos)
     w = resolve_target(model, trace.log_probs[t], target, target_id, notes=notes)
     for msg in notes:                # unknown prompt words, target notes: listed in `warnings`, shown on stderr
         warnings.warn(msg, UserWarning, stacklevel=2)
+    if model.cfg.d_vocab > 1:
+        b, how = resolve_versus(model, trace.log_probs[t], w, versus, versus_id)
     R = trace.readout(t, readout)
     result = {
-        **output.header("locate", trace, prompt_or_ids, t, w, readout), "exhaustive": bool(exhaustive),
+        **output.header("locate", trace, prompt_or_ids, t, w, readout), "prepend_bos": prepend_bos,
+        "exhaustive": bool(exhaustive),
         "layers": layer_significance(trace, w, t, R),
     }
+    # log p(w) of the final state read out with this readout: the model's own value for frozen
+    # and lens, another number for frozen-nobias (beta dropped) and raw
+    result["readout_log_prob"] = float(R.log_prob(trace.final[t], w))
     # attention subvalues by source position, heads summed, over all layers: exact top-K
     att = top_attn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
     attn = [(int(i), int(j)) for i, j in zip(att["layer"], att["position"])]
     ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
+    # attention neurons (head, head dimension, source position): the authors' finer unit
+    an = top_attn_neurons(trace, w, t, top, R, exhaustive=exhaustive)
     # vocabulary views of all chosen subvalues (and of the bare fc2 rows) in one product
     vecs = [trace.attn_subvalues(i, t, "position")[j] for i, j in attn]
     vecs += [trace.ffn_subvalues(int(i), t, [int(k)])[0] for i, k in zip(ffn["layer"], ffn["neuron"])]
     vecs += [model.rows(f"blocks.{int(i)}.mlp.W_out", int(k)) for i, k in zip(ffn["layer"], ffn["neuron"])]
+    vecs += [attn_neuron_subvalues(trace, int(i), t, [h], [e], [j])[0]
+             for i, h, e, j in zip(an["layer"], an["head"], an["dim"], an["position"])]
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
     def toks(row):                  # {"top_tokens": decoded strings, "top_token_ids": their ids}
         ids = [int(x) for x in top_ids(row, N_TOP_TOKENS)]
@@ -166,9 +193,19 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         tops.append({"kind": "ffn", "layer": int(i), "index": int(k), "log_prob_increase": float(c),
                      "prob_increase": float(p), "target_rank": rank_of(row, w), "target_rank_in_fc2": rank_of(fc2, w),
                      "coefficient": float(trace.layers[int(i)].m[t, int(k)]), **toks(row)})
+    base = len(attn) + 2 * nf
+    for n, (i, h, e, j, c, p) in enumerate(zip(an["layer"], an["head"], an["dim"], an["position"],
+                                                an["log_prob_increase"], an["prob_increase"])):
+        row = bs[base + n]
+        tops.append({"kind": "attn_neuron", "layer": int(i), "index": int(h * model.cfg.d_head + e),   # row of W_O
+                     "head": int(h), "dim": int(e), "position": int(j),
+                     "source_token": trace.tokens[int(j)], "log_prob_increase": float(c), "prob_increase": float(p),
+                     "coefficient": float(attn_neuron_coefficients(trace, int(i), t)[h, e, j]),
+                     "target_rank": rank_of(row, w), **toks(row)})
     result["top_subvalues"] = tops
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
+    result["attn_neuron_scored"] = int(an["scored"])
     if counts == "auto":
         counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST or \
             (R.kind != "lens" and bounds.ranges_ready(R))
@@ -180,6 +217,11 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
     if len(ffn["layer"]):
         result["activation_trace"] = activation_report(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t, R)
+    if model.cfg.d_vocab > 1:
+        d = bs_difference_changes(trace, w, b, t, R)
+        result["bs_difference"] = {"target": output.token_info(model, w),
+                                   "versus": {**output.token_info(model, b), "chosen_by": how},
+                                   "start": d["start"], "end": d["end"], "layers": d["layers"]}
     result["timing"] = {"seconds": time.perf_counter() - t0}
     return result
 
@@ -228,6 +270,9 @@ def format_report(r: dict, model=None) -> str:
     lines.append(f"prediction: {display.show(pred['token'], pred.get('piece'))} p={pred['prob']:.4f}")
     lines.append(f"target: {display.show(tgt['token'], tgt.get('piece'))} (id {tgt['id']}) log p={tgt['log_prob']:.4f} "
                  f"p={tgt['prob']:.4f} rank {tgt['rank']}")
+    if abs(r.get("readout_log_prob", tgt["log_prob"]) - tgt["log_prob"]) > 1e-9:
+        lines.append(f"  (the {r['readout']} readout of the final state gives log p={r['readout_log_prob']:.4f}, "
+                     f"not the model's; the layer scores below sum to it minus log p at Lin_0)")
     lines.append("")
     lines.append("layer significance for the target (log-probability increase / probability increase):")
     lines.append(f"{'layer':>5}  {'attn logp':>10} {'attn p':>9}  {'ffn logp':>10} {'ffn p':>9}")
@@ -236,12 +281,16 @@ def format_report(r: dict, model=None) -> str:
         lines.append(f"{L['layer']:>5}  {a['log_prob_increase']:>10.4f} {a['prob_increase']:>9.4f}  "
                      f"{f['log_prob_increase']:>10.4f} {f['prob_increase']:>9.4f}")
     for kind, title in (("attn", "attention subvalues (layer, source position; heads summed)"),
-                        ("ffn", "FFN subvalues (layer, neuron)")):
+                        ("ffn", "FFN subvalues (layer, neuron)"),
+                        ("attn_neuron", "attention neurons (layer, head, head dimension, source position)")):
+        if not any(x["kind"] == kind for x in r["top_subvalues"]):
+            continue
         lines.append("")
         lines.append(f"top {title}:")
         for s in (x for x in r["top_subvalues"] if x["kind"] == kind):
-            where = f"L{s['layer']} pos {s['index']} {prompt[s['index']]}" if kind == "attn" \
-                else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}"
+            where = (f"L{s['layer']} pos {s['index']} {prompt[s['index']]}" if kind == "attn"
+                     else f"L{s['layer']} n{s['index']} m={s['coefficient']:+.3f}" if kind == "ffn"
+                     else f"L{s['layer']} h{s['head']} d{s['dim']} pos {s['position']} {prompt[s['position']]}")
             extra = f" fc2-rank {s['target_rank_in_fc2']}" if kind == "ffn" else ""
             lines.append(f"  {where:<28} logp {s['log_prob_increase']:+.4f}  p {s['prob_increase']:+.4f}  "
                          f"target rank {s['target_rank']}{extra}  top: {top_list(s, 8)}")
@@ -265,7 +314,16 @@ def format_report(r: dict, model=None) -> str:
             lines.append(f"  largest source {ts['source']}, by subvalue:")
             for s in ts["subvalues"]:
                 lines.append(f"    {s['label']:<24} {s['value']:+.4f}  top: {top_list(s, 5)}")
+    if "bs_difference" in r:
+        d = r["bs_difference"]
+        how = "the runner-up; --versus to choose" if d["versus"]["chosen_by"] == "runner-up" else "--versus"
+        a_, b_ = (display.show(x["token"], x.get("piece")) for x in (d["target"], d["versus"]))
+        lines.append("")
+        lines.append(f"bs-value difference {a_} - {b_} ({how}): {d['start']:+.4f} at Lin_0, {d['end']:+.4f} at "
+                     f"the end; change per layer (Fig. 10-11):")
+        lines += [f"  layer {x['layer']:>3}: attn {x['attn']:+.4f}  ffn {x['ffn']:+.4f}" for x in d["layers"]]
     lines.append("")
-    lines.append(f"({r['ffn_scored']} FFN and {r['attn_scored']} attention subvalues scored exactly for the top-K; "
+    lines.append(f"({r['ffn_scored']} FFN subvalues, {r['attn_scored']} attention subvalues and "
+                 f"{r['attn_neuron_scored']} attention neurons scored exactly for the top-K; "
                  f"{r['timing']['seconds']:.2f} s)")
     return "\n".join(lines)

@@ -246,7 +246,7 @@ class Model:
             self._unk_id = unk if isinstance(unk, int) and 0 <= unk < self.cfg.d_vocab else None
         return self._unk_id
 
-    def unknown_words(self, text: str) -> list[tuple[int, str]]:
+    def unknown_words(self, text: str, prepend_bos: bool | None = None) -> list[tuple[int, str]]:
         """(position in the encoded ids, the prompt's text) of every piece of `text` that the
         tokenizer turned into its unknown token (the literal unknown-token text excepted)."""
         unk = self.unk_id
@@ -254,18 +254,35 @@ class Model:
             return []
         enc = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False))
         unk_piece = self.token_str(unk)
-        pre = len(self.cfg.prepend_ids)
+        pre = len(self.start_ids(prepend_bos))
         return [(pre + k, text[a:b]) for k, (i, (a, b)) in enumerate(zip(enc.ids, enc.offsets))
                 if i == unk and text[a:b] not in (unk_piece, self._tok("look up", lambda t: t.id_to_token(unk)))]
 
-    def encode(self, text: str) -> list[int]:
-        """Tokenize text and put the family's start ids (config.json prepend_ids) in front."""
+    def start_ids(self, prepend_bos: bool | None = None) -> list[int]:
+        """The ids put in front of a text prompt. None: the family's convention (config.json
+        `prepend_ids`: none for GPT-2, BOS for Llama, `</s>` for fairseq); True: that start
+        token, or the tokenizer's BOS where the family has none (GPT-2's <|endoftext|>);
+        False: nothing (docs/design-choices.md)."""
+        if prepend_bos is None:
+            return list(self.cfg.prepend_ids)
+        if not prepend_bos:
+            return []
+        if self.cfg.prepend_ids:
+            return list(self.cfg.prepend_ids)
+        bos = self.cfg.special_tokens.get("bos")
+        if bos is None:
+            raise RefimplError(f"{self.path}: the tokenizer has no start (BOS) token to prepend")
+        return [int(bos)]
+
+    def encode(self, text: str, prepend_bos: bool | None = None) -> list[int]:
+        """Tokenize text and put the start ids in front (`start_ids`)."""
         if not isinstance(text, str) or not text.strip():
             raise RefimplError("empty prompt")
+        start = self.start_ids(prepend_bos)
         ids = self._tok("encode the prompt", lambda t: t.encode(text, add_special_tokens=False).ids)
-        if not ids and not self.cfg.prepend_ids:
+        if not ids and not start:
             raise RefimplError(f"the prompt {text[:60]!r} tokenizes to no tokens")
-        return list(self.cfg.prepend_ids) + list(ids)
+        return start + list(ids)
 
     def token_str(self, i: int) -> str:
         """How token i reads: its decoded text (falls back to the raw piece)."""

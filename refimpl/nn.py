@@ -19,7 +19,7 @@ def layer_norm_stats(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]
 
 
 def layer_norm(x, w, b, eps):
-    """LayerNorm: w * (x - mu) / sigma + b (the paper's Eq. 21)."""
+    """LayerNorm: w * (x - mu) / sigma + b, sigma = sqrt(var + eps) (biased variance)."""
     mu, sigma = layer_norm_stats(x, eps)
     return w * ((x - mu) / sigma) + b
 

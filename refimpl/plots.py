@@ -98,10 +98,14 @@ def _additivity_data(trace, i, t, w, R):
 
 
 def _subkey_data(trace, i, t):
+    """Fig. 4: for every neuron of layer i, x.K against x.K/sigma - mu*lambda/sigma (the paper's
+    y-axis, without B^k) and against the pre-activation h = that + B^k (Eq. 23's terms)."""
     out = []
     for which in default_which(trace.model):
         p = preactivation(trace, i, t, None, which)
-        out.append({"which": which, "mu": p["mu"], "sigma": p["sigma"], "xK": p["xK"], "h": p["h"]})
+        paper = p["xK"] / p["sigma"] - p["mu"] * p["lambda"] / p["sigma"]
+        out.append({"which": which, "mu": p["mu"], "sigma": p["sigma"], "xK": p["xK"], "paper_y": paper,
+                    "B": p["B"], "h": p["h"]})
     return {"layer": i, "subkeys": out}
 
 
@@ -178,10 +182,14 @@ def _draw_subkey(plt, d, tgt):
     n = len(d["subkeys"])
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
     for ax, s in zip(axes[0], d["subkeys"]):
-        ax.scatter(s["xK"], s["h"], s=6, alpha=0.6)
-        ax.set(xlabel="x @ K (subkey inner product)", ylabel="pre-activation h",
+        ax.scatter(s["xK"], s["h"], s=5, alpha=0.35, color="tab:gray",
+                   label="h = x.K/sigma - mu*lambda/sigma + B (pre-activation)")
+        ax.scatter(s["xK"], s["paper_y"], s=6, alpha=0.7, color="tab:blue",
+                   label="x.K/sigma - mu*lambda/sigma (as in the paper's Fig. 4)")
+        ax.set(xlabel="x.K (inner product with the subkey)", ylabel="value",
                title=f"FFN layer {d['layer']}, {s['which']!r} subkeys of {len(s['h'])} neurons\n"
                      f"mu={s['mu']:.3g}, sigma={s['sigma']:.3g}")
+        ax.legend(fontsize=7, loc="upper left")
     return fig
 
 
@@ -229,7 +237,7 @@ DRAW = {"layer_significance": _draw_layers, "ffn_counts": _draw_counts, "top10_s
 
 def figure_data(model, src, r) -> dict:
     """Every figure's data (NumPy values) for locate result r, re-running the trace."""
-    trace = run(model, src)
+    trace = run(model, src, r.get("prepend_bos") if isinstance(src, str) else None)
     if [int(i) for i in trace.ids] != list(r["ids"]):
         raise RefimplError("the prompt does not match the locate result's token ids")
     t, w = r["position"], r["target"]["id"]
@@ -245,7 +253,11 @@ def figure_data(model, src, r) -> dict:
         data["subkey_linearity"] = _subkey_data(trace, best, t)
     if r.get("activation_trace"):
         data["activation_trace"] = _activation_data(trace, t, r["activation_trace"])
-    others = [int(x) for x in np.argsort(-trace.log_probs[t], kind="stable") if x != w][:2]
+    # the bs-value difference against the token the locate result compares with (default the
+    # runner-up); the trajectory shows the target, that token and the next most probable one
+    versus = r["bs_difference"]["versus"]["id"] if "bs_difference" in r else None
+    others = [int(x) for x in np.argsort(-trace.log_probs[t], kind="stable") if x != w]
+    others = ([versus] + [x for x in others if x != versus])[:2] if versus is not None else others[:2]
     ids = [w] + others
     data["bs_trajectory"] = {**bs_trajectory(trace, ids, t, R), "tokens": [model.token_str(i) for i in ids]}
     if others:

@@ -1,4 +1,4 @@
-"""Projecting vectors into vocabulary space (paper Section 2.2, Eq. 11-15).
+"""Projecting vectors into vocabulary space (paper Section 2.2; docs/design-choices.md).
 
 The paper writes p(w | x) = softmax(E x). Real models put a final norm before E; the
 default readout freezes that norm's scale at the analysed position's final residual
@@ -6,9 +6,14 @@ x_f, which keeps every projection linear:
 
     frozen LayerNorm:  A(v) = W_U^T (gamma * (v - mean v) / sigma_f)      c = W_U^T beta + b_U
     frozen RMSNorm:    A(v) = W_U^T (gamma * v / s_f)                      c = 0
-    bs(x) = A(x) + c   for a residual state x;   bs-values of a subvalue v = A(v)   (Eq. 15)
+    bs(x) = A(x) + c   for a residual state x;   bs-values of a subvalue v = A(v)
 
-so bs(Lout_{L-1}[t]) are exactly the model's logits and the layer scores telescope.
+so bs-values of a sum are the sum of the bs-values (the paper's addition of bs-values),
+bs(Lout_{L-1}[t]) are exactly the model's logits and the layer scores telescope.
+`frozen-nobias` is the convention of the authors' published notebooks: the same frozen
+map A, but the final LayerNorm's bias beta is dropped from the offset (c = b_U), so the
+readout of the final residual is not the model's distribution (docs/design-choices.md);
+it differs from `frozen` only where the final norm has a bias (LayerNorm with beta).
 `raw` is E x with no norm (the paper's equations literally); `lens` applies the final
 norm with each vector's own statistics (the logit lens; not additive).
 
@@ -26,7 +31,7 @@ import numpy as np
 from . import nn
 from .errors import RefimplError
 
-READOUTS = ("frozen", "raw", "lens")
+READOUTS = ("frozen", "frozen-nobias", "raw", "lens")
 
 
 class Head:
@@ -136,9 +141,9 @@ def final_log_probs(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None
 
 
 class Readout:
-    """Vocabulary readout at one analysed position (kind: frozen, raw or lens).
+    """Vocabulary readout at one analysed position (kind: frozen, frozen-nobias, raw or lens).
 
-    `bs(v)`        bs-values A(v) of vectors v [..., d] (Eq. 15's linear part)
+    `bs(v)`        bs-values A(v) of vectors v [..., d] (the linear part)
     `offset`       c, added for residual states: bs(x) = A(x) + c
     `log_probs(X)` log p(. | X) for residual states X [..., d]
     `log_prob(X, w)`, `prob(X, w)` for one target
@@ -185,7 +190,8 @@ class Readout:
 
     def state_input(self, X: np.ndarray) -> np.ndarray:
         """What the head reads for residual states X [..., d]: the normalised state plus the
-        final norm's bias beta (frozen LayerNorm), i.e. everything of bs(x) but E and b_U."""
+        final norm's bias beta (frozen LayerNorm; not for frozen-nobias, which drops beta),
+        i.e. everything of bs(x) but E and b_U."""
         y = self.normalise(np.asarray(X, self.model.dtype))
         if self.kind == "frozen" and self.centre and self.beta is not None:
             y = y + self.beta
@@ -198,7 +204,7 @@ class Readout:
 
     @property
     def offset(self) -> np.ndarray:
-        """c = W_U^T beta + b_U (frozen LayerNorm), b_U (raw), zeros otherwise."""
+        """c = W_U^T beta + b_U (frozen LayerNorm), b_U (raw, frozen-nobias), zeros otherwise."""
         if self._offset is None:
             zero = np.zeros(self.model.cfg.d_model, self.model.dtype)
             self._offset = self._state(zero)[0] if self.kind != "lens" else np.zeros(self.model.cfg.d_vocab)
@@ -279,6 +285,24 @@ class Readout:
                                       for (lp0, sel), (u, _) in zip(groups0, groups))
         p_base = np.exp(lp_base[which])
         return C, p_base * np.expm1(C)
+
+
+    def increase_of_multiples(self, base: np.ndarray, V: np.ndarray, coefs: np.ndarray, w: int):
+        """(C, P) [n, m] of the vectors coefs[r, j] * V[r] added to base [d] (Eq. 19). With a
+        linear readout the bs-values of c * v are c * A(v), so A is applied to the n rows of V
+        once instead of to n * m vectors (the attention neurons of all source positions share
+        their O_h[e]). Not for `lens`."""
+        if self.kind == "lens":
+            raise RefimplError("increase_of_multiples needs a linear readout, not lens")
+        base = np.asarray(base, self.model.dtype)[None]                     # [1, d]
+        groups0 = self._base_groups(base, w)                                # [(lp [1, n_g], sel)]
+        lp_base = float(sum(lp[0, sel] for lp, sel in groups0))
+        ug = self.head.target_groups(self.normalise(np.asarray(V, self.model.dtype)), w, bias=False)  # u [n, n_g]
+        C = np.empty(coefs.shape)
+        for j in range(coefs.shape[1]):
+            c = np.asarray(coefs[:, j:j + 1], self.model.dtype)              # [n, 1]
+            C[:, j] = sum(log_softmax_shift(lp0[0], c * u, sel) for (lp0, sel), (u, _) in zip(groups0, ug))
+        return C, np.exp(lp_base) * np.expm1(C)
 
 
 def rank_of(scores: np.ndarray, w: int) -> int:

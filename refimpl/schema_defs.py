@@ -127,9 +127,14 @@ def build() -> dict[str, dict]:
         "locate", "The main job: layer significance, the exact top-K attention and FFN subvalues with their "
                   "vocabulary views, per-layer FFN counts and what activates the top FFN subvalue.",
         {"exhaustive": BOOL, "layers": arr(ref("layer_row")), "top_subvalues": arr(TOP_SUBVALUE),
-         "ffn_scored": NAT, "attn_scored": NAT},
+         "ffn_scored": NAT, "attn_scored": NAT, "attn_neuron_scored": NAT},
         {"ffn_counts": arr(ref("ffn_counts_row")), "ffn_counts_note": STR, "activation_trace": arr(ACTIVATION),
-         "versus": ref("token"), "figures": {"type": "object", "additionalProperties": STR},
+         "prepend_bos": nullable(BOOL), "readout_log_prob": NUM,
+         "bs_difference": obj({"target": ref("token"),
+                               "versus": obj({"id": NAT, "token": STR, "chosen_by": {"enum": ["runner-up", "--versus"]}},
+                                             {"piece": nullable(STR)}),
+                               "start": NUM, "end": NUM, "layers": arr(obj({"layer": NAT, "attn": NUM, "ffn": NUM}))}),
+         "figures": {"type": "object", "additionalProperties": STR},
          "figure_data": {"type": "object"}})
     S["predict"] = _prompt(
         "predict", "The next-token distribution at the analysed position (and a greedy continuation).",
@@ -140,10 +145,11 @@ def build() -> dict[str, dict]:
     S["layers"] = _prompt("layers", "Log-probability and probability increase of every attention and FFN layer.",
                           {"layers": arr(ref("layer_row"))})
     entry = obj({"rank": NAT, "log_prob_increase": NUM, "prob_increase": NUM},
-                {"neuron": NAT, "position": NAT, "head": NAT, "source_token": STR, "coefficient": NUM})
+                {"neuron": NAT, "position": NAT, "head": NAT, "dim": NAT, "source_token": STR, "coefficient": NUM})
     S["subvalues"] = _prompt(
         "subvalues", "Subvalue significance of one layer, the K best first.",
-        {"layer": NAT, "kind": {"enum": ["attn", "ffn"]}, "by": nullable({"enum": ["position", "head", "head_position"]}),
+        {"layer": NAT, "kind": {"enum": ["attn", "ffn"]}, "by": nullable({"enum": ["position", "head", "head_position",
+                                                                                 "head_neuron_position"]}),
          "n_subvalues": NAT, "subvalues": arr(entry), "bias": INCREASE},
         {"summary": ref("ffn_counts_row")})
     S["vocab"] = _prompt(
@@ -172,10 +178,13 @@ def build() -> dict[str, dict]:
         {"difference": obj({"a": ref("token"), "b": ref("token"), "start": NUM, "end": NUM,
                             "layers": arr(obj({"layer": NAT, "attn": NUM, "ffn": NUM}))})},
         target=False)
-    row = obj({"layer": NAT, "neuron": NAT, "log_prob_increase": NUM, "coef_x_norm": NUM, "target_rank": NAT})
+    row = obj({"layer": NAT, "neuron": NAT, "log_prob_increase": NUM, "coef_x_norm": NUM, "coefficient": NUM,
+               "fc2_norm": NUM, "target_rank": NAT})
     S["baseline"] = _prompt(
-        "baseline", "Appendix E: top FFN subvalues by coefficient x norm and by log-probability increase.",
-        {"by_log_prob_increase": arr(row), "by_coef_x_norm": arr(row)})
+        "baseline", "Appendix E: top FFN subvalues by coefficient x norm (|m| x ||fc2|| as in Table 4, or signed) "
+                    "and by log-probability increase.",
+        {"score": {"enum": ["|m| * ||fc2||", "m * ||fc2||"]}, "by_log_prob_increase": arr(row),
+         "by_coef_x_norm": arr(row)})
     S["dump"] = _prompt(
         "dump", "A dump file was written (docs/oracle.md).",
         {"out": STR, "n_tensors": NAT, "subvalue_scores": BOOL})

@@ -69,7 +69,8 @@ def attn_position_significance_all_layers(trace, w: int, t: int = -1, readout="f
 def attn_subvalue_significance(trace, i: int, w: int, t: int = -1, by: str = "position", readout="frozen"):
     """C and P of every attention subvalue of layer i at position t over base Lin_i.
 
-    by="position": [t+1] (heads summed); "head": [H]; "head_position": [H, t+1].
+    by="position": [t+1] (heads summed); "head": [H]; "head_position": [H, t+1];
+    "head_neuron_position": [H, d_head, t+1] (attention neurons).
     Returns dict(log_prob_increase, prob_increase, bias=(C, P) of b_O)."""
     R = as_readout(trace, t, readout)
     sv = trace.attn_subvalues(i, t, by)

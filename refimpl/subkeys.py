@@ -1,9 +1,9 @@
-"""FFN subkeys and the exact linearisation of the pre-FFN norm (paper Section 3.3, Eq. 20-23).
+"""FFN subkeys and the exact linearisation of the pre-FFN norm (paper Section 3.3, Eq. 23).
 
 With x = Lres_i[t], mu and sigma its mean and standard deviation sqrt(var + eps) (the
 paper's "V" is sigma), gamma/beta the pre-FFN norm and W_in[:, k], b_in[k] neuron k:
 
-    K^k      = gamma * W_in[:, k]                     the subkey            (Eq. 22)
+    K^k      = gamma * W_in[:, k]                     the subkey
     lambda^k = sum(K^k)
     B^k      = beta @ W_in[:, k] + b_in[k]
     h^k      = (x @ K^k) / sigma - mu * lambda^k / sigma + B^k      exactly  (Eq. 23)
@@ -12,7 +12,7 @@ RMSNorm: h^k = (x @ K^k) / s, s = sqrt(mean(x^2) + eps) (mu = 0, no beta, no bia
 SwiGLU has two subkeys per neuron: `which="gate"` (W_gate) and `which="in"` (the up
 projection W_in).
 
-Because x = Lin_0 + sum of earlier layer vectors, h^k splits exactly into
+Because x = Lres_i = Lin_0 + ATTN_0 + FFN_0 + ... + ATTN_i (Eq. 21), h^k splits exactly into
 (u @ K^k) / sigma per earlier vector u plus the remainder -mu lambda^k / sigma + B^k
 (Section 4.2: which earlier layer or subvalue activates this neuron).
 """
@@ -35,7 +35,7 @@ class Subkey:
 
 
 def subkey(model, i: int, k=None, which: str = "in") -> Subkey:
-    """Subkey(s) of neuron(s) k of layer i (all neurons if k is None) (Eq. 22)."""
+    """Subkey(s) K = gamma * W[:, k] of neuron(s) k of layer i (all neurons if k is None)."""
     if which not in ("in", "gate"):
         raise RefimplError(f"which must be 'in' or 'gate', got {which!r}")
     if which == "gate" and not model.cfg.gated_ffn:

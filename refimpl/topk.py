@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import bounds
+from . import decomposition as dec
 from .significance import (as_readout, attn_position_significance_all_layers, ffn_layer_summary,
                            ffn_subvalue_significance)
 
@@ -82,6 +83,15 @@ def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen",
     return {"layer": lay, "neuron": neu, "log_prob_increase": c, "prob_increase": p, "scored": scored}
 
 
+def _lin_g(trace, R, t: int, w: int, bases: np.ndarray) -> np.ndarray:
+    """g_i for every layer's base Lin_i[t] [L, d] (bounds.g_vector), memoised per trace: the
+    attention top-K by position and by neuron share it."""
+    memo, key = R.trace_memo(trace), ("g_lin", t % trace.T, int(w))
+    if key not in memo:
+        memo[key] = bounds.g_vector(R, bases, w)
+    return memo[key]
+
+
 def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
                        batch: int = 32) -> dict:
     """The k attention subvalues by source position (heads summed, Eq. 7) with the largest
@@ -103,10 +113,68 @@ def top_attn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen"
 
     def score(li, pi):
         return R.increase(bases, li, sv[li, pi], w)
-    g = bounds.g_vector(R, bases, w)                                            # [L, d]
+    g = _lin_g(trace, R, t, w, bases)                                           # [L, d]
     upper = np.einsum("lnd,ld->ln", sv, g).ravel()                              # [L * (t+1)]
     lay, ps, c, p, scored = _branch_and_bound(upper, layer, pos, k, score, batch)
     return {"layer": lay, "position": ps, "log_prob_increase": c, "prob_increase": p, "scored": scored}
+
+
+def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", exhaustive: bool = False,
+                     batch: int = 32, chunk: int = 128) -> dict:
+    """The k attention-neuron subvalues alpha_h[t, j] v_h[j, e] O_h[e] (head h, head dimension e,
+    source position j; decomposition.py) with the largest log-probability increase over their
+    bases Lin_i, over all layers. The same branch and bound as for FFN subvalues: the Jensen
+    bound C(v) <= g_i . v is, for these vectors, (alpha_h[t, j] v_h[j, e]) * (O_h[e] . g_i), so
+    every bound costs one product W_O g_i per layer and only the visited neurons are built and
+    scored. `exhaustive` scores every neuron, reading each row of W_O out once for all source
+    positions (the bs-values of c * O_h[e] are c * A(O_h[e])). Returns {"layer", "head", "dim",
+    "position", "log_prob_increase", "prob_increase", "scored"} (best first; ties: lower layer,
+    head, dim, position first)."""
+    R = as_readout(trace, t, readout)
+    t = t % trace.T
+    cfg, L, n_pos = trace.model.cfg, len(trace.layers), t + 1
+    per_layer = cfg.n_heads * cfg.d_head * n_pos                                # (h, e, j) flattened
+    bases = np.array([Lt.lin[t] for Lt in trace.layers])                        # [L, d]
+    if exhaustive or R.kind == "lens":
+        cs, ps = [], []
+        for i in range(L):
+            if R.kind == "lens":                # not linear: every neuron's vector is read out on its own
+                sv = trace.attn_subvalues(i, t, "head_neuron_position").reshape(per_layer, -1)   # [H*dh*(t+1), d]
+                c, p = R.increase(bases[i:i + 1], np.zeros(per_layer, dtype=np.int64), sv, w)
+            else:                               # bs-values of coef * O_h[e] = coef * A(O_h[e]): A once per row of W_O
+                O = trace.model.weight(f"blocks.{i}.attn.W_O").reshape(cfg.n_heads * cfg.d_head, -1)   # [H*dh, d]
+                coef = dec.attn_neuron_coefficients(trace, i, t).reshape(len(O), n_pos)           # [H*dh, t+1]
+                c, p = np.empty((len(O), n_pos)), np.empty((len(O), n_pos))
+                for s in range(0, len(O), chunk):
+                    c[s:s + chunk], p[s:s + chunk] = R.increase_of_multiples(bases[i], O[s:s + chunk],
+                                                                             coef[s:s + chunk], w)
+                c, p = c.ravel(), p.ravel()                                     # (h*dh + e)*(t+1) + j
+            cs.append(c)
+            ps.append(p)
+        c, p = np.concatenate(cs), np.concatenate(ps)
+        layer, idx = np.divmod(np.arange(len(c)), per_layer)
+        order = _sort_key(c, layer, idx)[:k]
+        lay, idx, c, p, scored = layer[order], idx[order], c[order], p[order], len(c)
+    else:
+        g = _lin_g(trace, R, t, w, bases)                                       # [L, d]
+        coef = np.array([dec.attn_neuron_coefficients(trace, i, t) for i in range(L)])   # [L, H, dh, t+1]
+        og = np.array([trace.model.weight(f"blocks.{i}.attn.W_O") @ g[i] for i in range(L)])   # [L, H, dh]
+        upper = (coef * og[..., None]).reshape(L * per_layer)
+        layer, idx = np.divmod(np.arange(L * per_layer), per_layer)
+
+        def score(li, ni):
+            h, rest = np.divmod(ni, cfg.d_head * n_pos)
+            e, j = np.divmod(rest, n_pos)
+            V = np.empty((len(ni), cfg.d_model), trace.model.dtype)             # [n, d]
+            for i in np.unique(li):
+                sel = np.flatnonzero(li == i)
+                V[sel] = dec.attn_neuron_subvalues(trace, int(i), t, h[sel], e[sel], j[sel])
+            return R.increase(bases, li, V, w)
+        lay, idx, c, p, scored = _branch_and_bound(upper, layer, idx, k, score, batch)
+    h, rest = np.divmod(idx, cfg.d_head * n_pos)
+    e, j = np.divmod(rest, n_pos)
+    return {"layer": lay, "head": h, "dim": e, "position": j, "log_prob_increase": c, "prob_increase": p,
+            "scored": int(scored)}
 
 
 def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = False) -> list[dict]:

@@ -94,10 +94,13 @@ class Trace:
 
     # -- subvalues (decomposition.py) ------------------------------------------------
     def attn_subvalues(self, i: int, t: int = -1, by: str = "position") -> np.ndarray:
-        """Attention subvalues of layer i at query t: by "position" [t+1, d], "head" [H, d]
-        or "head_position" [H, t+1, d]. They plus `attn_bias_subvalue(i)` sum to ATTN_i[t]."""
+        """Attention subvalues of layer i at query t: by "position" [t+1, d], "head" [H, d],
+        "head_position" [H, t+1, d] or "head_neuron_position" [H, d_head, t+1, d] (one per
+        attention neuron: head h, head dimension e, source position j). Each family plus
+        `attn_bias_subvalue(i)` sums to ATTN_i[t]."""
         fn = {"position": dec.attn_subvalues_by_position, "head": dec.attn_subvalues_by_head,
-              "head_position": dec.attn_subvalues_by_head_position}
+              "head_position": dec.attn_subvalues_by_head_position,
+              "head_neuron_position": dec.attn_subvalues_by_head_neuron_position}
         if by not in fn:
             raise ValueError(f"by must be one of {sorted(fn)}")
         return fn[by](self, i, t)

@@ -2,7 +2,7 @@
 
 Level 1: the pre-activation h^k of neuron k in layer i at position t splits exactly
 into (u @ K^k) / sigma for every layer-level vector u that sums to Lres_i[t]
-(embedding parts, ATTN_j and FFN_j for j < i, ATTN_i) plus the remainder
+(Eq. 21: embedding parts, ATTN_j and FFN_j for j < i, ATTN_i) plus the remainder
 -mu lambda^k / sigma + B^k (subkeys.py, Eq. 23).
 
 Level 2: any one of those vectors splits into its own subvalues (attention by source
@@ -54,8 +54,12 @@ def source_subvalues(trace, source: str, t: int, by: str = "position") -> tuple[
             labels = [f"attn.{j}.pos{p}:{toks[p]!r}" for p in range(sv.shape[0])]
         elif by == "head":
             labels = [f"attn.{j}.head{h}" for h in range(sv.shape[0])]
-        else:
+        elif by == "head_position":
             labels = [f"attn.{j}.head{h}.pos{p}:{toks[p]!r}" for h in range(sv.shape[0]) for p in range(sv.shape[1])]
+            sv = sv.reshape(-1, sv.shape[-1])
+        else:                                                               # head_neuron_position
+            labels = [f"attn.{j}.head{h}.dim{e}.pos{p}:{toks[p]!r}" for h in range(sv.shape[0])
+                      for e in range(sv.shape[1]) for p in range(sv.shape[2])]
             sv = sv.reshape(-1, sv.shape[-1])
         return labels + [f"attn.{j}.bias"], np.vstack([sv, trace.attn_bias_subvalue(j)[None]])
     if kind == "ffn":

@@ -586,22 +586,27 @@ def test_baseline(case):
         for t, w in points(model, tr):
             tt = t % tr.T
             S = Slow(model, tr.final[tt], kind)
-            rows = []
-            for i in range(model.cfg.n_layers):
-                W_out = np.asarray(model.stored(f"blocks.{i}.mlp.W_out"), np.float64)
-                g = [tr.layers[i].m[tt, k] * math.sqrt(sum(x * x for x in W_out[k])) for k in range(model.cfg.d_ff)]
-                near(baseline.geva_scores(tr, i, t), g, "geva")
-                cs = slow_ffn_C(model, tr, S, i, tt, w)[:, 0]
-                rows += [(i, k, cs[k], g[k], tr.layers[i].m[tt, k] * W_out[k]) for k in range(model.cfg.d_ff)]
-            for layers in (None, [model.cfg.n_layers - 1]):
-                sel = [r for r in rows if layers is None or r[0] in layers]
-                got = baseline.compare_rankings(tr, w, t, k=6, readout=kind, layers=layers)
-                for key, col in (("by_log_prob_increase", 2), ("by_coef_x_norm", 3)):
-                    want = sorted(sel, key=lambda r: (-r[col], r[0], r[1]))[:6]
-                    assert [(x["layer"], x["neuron"]) for x in got[key]] == [(r[0], r[1]) for r in want], key
-                    near([x["log_prob_increase"] for x in got[key]], [r[2] for r in want], key)
-                    near([x["coef_x_norm"] for x in got[key]], [r[3] for r in want], key)
-                    assert [x["target_rank"] for x in got[key]] == [slow_rank(S.bs(r[4]), w) for r in want]
+            for signed in (False, True):      # Table 4's |m| x ||fc2|| (default), m x ||fc2|| on request
+                rows = []
+                for i in range(model.cfg.n_layers):
+                    W_out = np.asarray(model.stored(f"blocks.{i}.mlp.W_out"), np.float64)
+                    m = tr.layers[i].m[tt]
+                    norm = [math.sqrt(sum(x * x for x in W_out[k])) for k in range(model.cfg.d_ff)]
+                    g = [(m[k] if signed else abs(m[k])) * norm[k] for k in range(model.cfg.d_ff)]
+                    near(baseline.geva_scores(tr, i, t, signed=signed), g, "geva")
+                    cs = slow_ffn_C(model, tr, S, i, tt, w)[:, 0]
+                    rows += [(i, k, cs[k], g[k], m[k] * W_out[k], m[k], norm[k]) for k in range(model.cfg.d_ff)]
+                for layers in (None, [model.cfg.n_layers - 1]):
+                    sel = [r for r in rows if layers is None or r[0] in layers]
+                    got = baseline.compare_rankings(tr, w, t, k=6, readout=kind, layers=layers, signed=signed)
+                    for key, col in (("by_log_prob_increase", 2), ("by_coef_x_norm", 3)):
+                        want = sorted(sel, key=lambda r: (-r[col], r[0], r[1]))[:6]
+                        assert [(x["layer"], x["neuron"]) for x in got[key]] == [(r[0], r[1]) for r in want], key
+                        near([x["log_prob_increase"] for x in got[key]], [r[2] for r in want], key)
+                        near([x["coef_x_norm"] for x in got[key]], [r[3] for r in want], key)
+                        near([x["coefficient"] for x in got[key]], [r[5] for r in want], key)
+                        near([x["fc2_norm"] for x in got[key]], [r[6] for r in want], key)
+                        assert [x["target_rank"] for x in got[key]] == [slow_rank(S.bs(r[4]), w) for r in want]
 
 
 # --- 9. locate end to end --------------------------------------------------------------------

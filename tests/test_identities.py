@@ -71,7 +71,7 @@ def test_frozen_readout_reproduces_model_and_is_additive(case):
         if tr.logits is not None:
             assert_close(R.scores(tr.final[t]), tr.logits[t], tol, "bs(final) = logits")
         vecs = np.array([v for _, v in layer_vectors(tr, t)])
-        assert_close(R.bs(vecs).sum(0) + R.offset, R.scores(tr.final[t]), tol, "bs additivity (Eq. 15)")
+        assert_close(R.bs(vecs).sum(0) + R.offset, R.scores(tr.final[t]), tol, "bs additivity")
         w = int(np.argmax(tr.log_probs[t]))
         assert_close(R.log_prob(tr.final[t], w), tr.log_probs[t, w], tol, "single-target log p")
 

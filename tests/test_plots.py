@@ -157,8 +157,17 @@ def test_figures_and_their_data(name, tmp_path):
         near(a["sum_of_log_prob_increases"][0], a["log_prob_increase_of_sum"][0], "k = 1")
     assert len(a["f_curves"]["l"]) == len(a["f_curves"]["log_prob_increase"]) and 0 in a["f_curves"]["l"]
     for s in fd["subkey_linearity"]["subkeys"]:
-        lay = tr.layers[fd["subkey_linearity"]["layer"]]
+        i = fd["subkey_linearity"]["layer"]
+        lay = tr.layers[i]
         near(s["h"], (lay.pre if s["which"] == "in" else lay.gate_pre)[t], f"subkey h ({s['which']})")
+        # Fig. 4's y-axis as the paper draws it: x.K/sigma - mu*lambda/sigma, no B^k
+        x, Wk = lay.lres[t], W(model, f"blocks.{i}.mlp." + ("W_in" if s["which"] == "in" else "W_gate"))
+        K = W(model, f"blocks.{i}.ln2.w")[:, None] * Wk                        # [d, F]
+        mu = x.mean() if model.cfg.norm == "layernorm" else 0.0
+        sigma = np.sqrt(((x - mu) ** 2).mean() + model.cfg.norm_eps)
+        near(s["xK"], x @ K, "x.K")
+        near(s["paper_y"], (x @ K) / sigma - mu * K.sum(0) / sigma, f"Fig. 4 y ({s['which']})")
+        near(np.asarray(s["paper_y"]) + np.asarray(s["B"]), s["h"], "h = Fig. 4 y + B")
     assert len(fd["subkey_linearity"]["subkeys"]) == (2 if model.cfg.gated_ffn else 1)
     act = fd["activation_trace"]
     for p in act["panels"]:

@@ -1,8 +1,9 @@
 """docs/walkthrough.md stays true: every `>>>` example in it is executed with doctest.
 
-The page walks through the paper's Eq. 2-23 on the embedded model (capitals-gpt2) with the
-prompt "The capital of France is"; its printed outputs are rounded numbers, booleans and
-token strings, so they do not depend on BLAS rounding.
+The page walks through the paper's method, from the residual stream to the subkeys, on the
+embedded model (capitals-gpt2) with the prompt "The capital of France is"; its printed
+outputs are rounded numbers, booleans and token strings, so they do not depend on BLAS
+rounding.
 """
 import doctest
 
