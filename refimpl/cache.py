@@ -42,7 +42,7 @@ PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data") 
 NAME_RE = re.compile(r"(weights-(float32|float64)(-L\d{4}|-rest)?\.(safetensors|json)"
                      r"|ranges-(frozen|raw)-(float32|float64)\.(npz|json)"
                      r"|\.[^/]+\.tmp)$")
-SMALL_PAYLOAD = 64 << 20        # payloads up to this size are re-hashed on every use
+SMALL_PAYLOAD = 64 << 20        # entries up to this size in all are re-hashed on every use
 STAT_KEYS = ("bytes", "mtime_ns", "ctime_ns", "inode")
 
 
@@ -177,11 +177,14 @@ def write_manifest(folder: str, entry: str, kind: str, params: dict, sources: li
 
 
 def payloads_unchanged(folder: str, recs: list[dict], rehash_small: bool = True) -> bool:
+    """Every payload still has its recorded size, times and inode; an entry of at most
+    SMALL_PAYLOAD bytes in all is re-hashed too (cheap; larger ones rely on the stat identity)."""
+    rehash = rehash_small and sum(r["bytes"] for r in recs) <= SMALL_PAYLOAD
     for r in recs:
         p = os.path.join(folder, r["name"])
         if not _same(r, p):
             return False
-        if rehash_small and r["bytes"] <= SMALL_PAYLOAD:
+        if rehash:
             try:
                 if hashlib.sha256(read_bytes(p, "tokenizer")).hexdigest() != r["sha256"]:
                     return False
