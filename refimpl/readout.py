@@ -67,6 +67,29 @@ class Head:
             parts.append(cls[..., c - 1:c] + self._band_logits(y, c))       # z_cls[c-1] + z_c
         return np.concatenate(parts, axis=-1), cls
 
+    def scores_at(self, y: np.ndarray, ids) -> np.ndarray:
+        """The columns `ids` of `scores(y)[0]` [..., len(ids)], reading only those columns of
+        the unembedding (and, adaptive, the projections of the bands they fall in)."""
+        m, ids = self.model, np.asarray(ids, dtype=np.int64)
+        if not self.adaptive:
+            return y @ m.columns("unembed.W_U", ids)                        # [..., n]
+        out = np.empty(y.shape[:-1] + (len(ids),), np.result_type(y, m.dtype))
+        for c, (lo, hi) in enumerate(self.bands):
+            sel = np.flatnonzero((ids >= lo) & (ids < hi))
+            if not len(sel):
+                continue
+            proj = f"unembed.adaptive.{c}.W_proj"
+            yc = y @ m.weight(proj) if m.has(proj) else y                   # [..., d_c]
+            z = yc @ m.columns(f"unembed.adaptive.{c}.W_U", ids[sel] - lo)  # [..., n_sel]
+            if c > 0:
+                z = y @ m.columns("unembed.adaptive.head.W_cls", [c - 1]) + z   # z_cls[c-1] + z_c
+            out[..., sel] = z
+        return out
+
+    def bias_at(self, ids) -> np.ndarray | float:
+        b = self.bias()
+        return b[np.asarray(ids, dtype=np.int64)] if isinstance(b, np.ndarray) else b
+
     def log_probs(self, flat: np.ndarray, cls: np.ndarray | None) -> np.ndarray:
         """Normalised log-probabilities [..., V] from flat scores (+ cluster logits if adaptive)."""
         if not self.adaptive:
@@ -188,6 +211,17 @@ class Readout:
         flat, _ = self.head.scores(self.normalise(np.asarray(V, self.model.dtype)))
         return flat + self.head.bias() if self.kind == "lens" else flat
 
+    def bs_at(self, V: np.ndarray, ids) -> np.ndarray:
+        """Columns `ids` of `bs(V)` [..., len(ids)], without the product over the whole vocabulary."""
+        flat = self.head.scores_at(self.normalise(np.asarray(V, self.model.dtype)), ids)
+        return flat + self.head.bias_at(ids) if self.kind == "lens" else flat
+
+    def scores_at(self, X: np.ndarray, ids) -> np.ndarray:
+        """Columns `ids` of `scores(X)` [..., len(ids)] (bs(x) = A(x) + c of residual states)."""
+        if self.kind == "lens":
+            return self.bs_at(X, ids)
+        return self.head.scores_at(self.state_input(X), ids) + self.head.bias_at(ids)
+
     def state_input(self, X: np.ndarray) -> np.ndarray:
         """What the head reads for residual states X [..., d]: the normalised state plus the
         final norm's bias beta (frozen LayerNorm; not for frozen-nobias, which drops beta),
@@ -225,6 +259,9 @@ class Readout:
         key = (int(w), X.tobytes()) if X.ndim == 1 else None
         if key is not None and key in self._memo:
             return self._memo[key]
+        groups = self._memo.get(("groups", int(w), key[1])) if key is not None and self.kind != "lens" else None
+        if groups is not None:          # the state's log-softmax is memoised already (_base_groups)
+            return sum(lp[sel] for lp, sel in groups)
         out = self.head.log_prob_of(self.state_input(X), int(w))
         if key is not None:
             self._memo[key] = out
