@@ -24,19 +24,18 @@ def bs_trajectory(trace, token_ids, t: int = -1, readout="frozen") -> dict:
     """bs-values [n_states, n_tokens] of the tokens at every residual state (Fig. 10)."""
     R = as_readout(trace, t, readout)
     names, X = zip(*residual_states(trace, t))
-    scores = R.scores(np.array(X))                                          # [n_states, V]
     ids = [int(i) for i in token_ids]
-    return {"states": list(names), "token_ids": ids, "bs": scores[:, ids]}
+    return {"states": list(names), "token_ids": ids, "bs": R.scores_at(np.array(X), ids)}   # [n_states, n_tokens]
 
 
 def bs_difference_changes(trace, a: int, b: int, t: int = -1, readout="frozen") -> dict:
-    """Per layer, how ATTN_i and FFN_i change bs_a - bs_b (Fig. 11)."""
+    """Per layer, how ATTN_i and FFN_i change bs_a - bs_b (Fig. 11). Only the columns a and b
+    of the readout are computed (two vocabulary entries, not the whole vocabulary per layer)."""
     R = as_readout(trace, t, readout)
-    rows = []
-    for i, L in enumerate(trace.layers):
-        u = R.bs(np.array([L.attn[t], L.ffn[t]]))                            # [2, V]
-        rows.append({"layer": i, "attn": float(u[0, a] - u[0, b]), "ffn": float(u[1, a] - u[1, b])})
-    start = R.scores(trace.Lin0[t])
-    end = R.scores(trace.final[t])
-    return {"a": int(a), "b": int(b), "start": float(start[a] - start[b]), "end": float(end[a] - end[b]),
+    V = np.array([v for L in trace.layers for v in (L.attn[t], L.ffn[t])])     # [2L, d]
+    u = R.bs_at(V, [a, b]) if len(V) else np.zeros((0, 2))                       # [2L, 2]
+    rows = [{"layer": i, "attn": float(u[2 * i, 0] - u[2 * i, 1]), "ffn": float(u[2 * i + 1, 0] - u[2 * i + 1, 1])}
+            for i in range(len(trace.layers))]
+    ends = R.scores_at(np.array([trace.Lin0[t], trace.final[t]]), [a, b])       # [2, 2]
+    return {"a": int(a), "b": int(b), "start": float(ends[0, 0] - ends[0, 1]), "end": float(ends[1, 0] - ends[1, 1]),
             "layers": rows}
