@@ -168,18 +168,27 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     # and lens, another number for frozen-nobias (beta dropped) and raw
     result["readout_log_prob"] = float(R.log_prob(trace.final[t], w))
     # attention subvalues by source position, heads summed, over all layers: exact top-K
-    att = top_attn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
+    # (each branch-and-bound batch is one product over the vocabulary; the bounds are tight enough
+    # that the first K + K/2 candidates usually settle the top-K, so batches are sized to that)
+    batch = max(16, top + top // 2)
+    att = top_attn_subvalues(trace, w, t, top, R, exhaustive=exhaustive, batch=batch)
     attn = [(int(i), int(j)) for i, j in zip(att["layer"], att["position"])]
-    ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive)
+    ffn = top_ffn_subvalues(trace, w, t, top, R, exhaustive=exhaustive, batch=batch)
     # attention neurons (head, head dimension, source position): the authors' finer unit
-    an = top_attn_neurons(trace, w, t, top, R, exhaustive=exhaustive)
+    an = top_attn_neurons(trace, w, t, top, R, exhaustive=exhaustive, batch=batch)
     # vocabulary views of all chosen subvalues (and of the bare fc2 rows) in one product
     vecs = [trace.attn_subvalues(i, t, "position")[j] for i, j in attn]
     vecs += [trace.ffn_subvalues(int(i), t, [int(k)])[0] for i, k in zip(ffn["layer"], ffn["neuron"])]
     vecs += [model.rows(f"blocks.{int(i)}.mlp.W_out", int(k)) for i, k in zip(ffn["layer"], ffn["neuron"])]
     vecs += [attn_neuron_subvalues(trace, int(i), t, [h], [e], [j])[0]
              for i, h, e, j in zip(an["layer"], an["head"], an["dim"], an["position"])]
+    act = _activation_levels(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t) if len(ffn["layer"]) else None
+    n_views = len(vecs)
+    if act is not None:
+        vecs += list(act[1])                    # Section 4.2's level-2 subvalues: top tokens in the same product
     bs = R.bs(np.array(vecs)) if vecs else np.zeros((0, model.cfg.d_vocab))
+    if act is not None:
+        act[2](bs[n_views:])
     def toks(row):                  # {"top_tokens": decoded strings, "top_token_ids": their ids}
         ids = [int(x) for x in top_ids(row, N_TOP_TOKENS)]
         return {"top_tokens": [model.token_str(x) for x in ids], "top_token_ids": ids}
@@ -215,8 +224,8 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
                                          "need) or pass --counts yes")
     if counts:
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
-    if len(ffn["layer"]):
-        result["activation_trace"] = activation_report(trace, int(ffn["layer"][0]), int(ffn["neuron"][0]), t, R)
+    if act is not None:
+        result["activation_trace"] = act[0]
     if model.cfg.d_vocab > 1:
         d = bs_difference_changes(trace, w, b, t, R)
         result["bs_difference"] = {"target": output.token_info(model, w),
@@ -229,7 +238,16 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
 def activation_report(trace, i: int, k: int, t: int, R) -> list[dict]:
     """Section 4.2 for one FFN subvalue: level-1 contributions per subkey, and level 2 for the
     attention/FFN vector that contributes most (its top subvalues with their top tokens)."""
-    model, out = trace.model, []
+    out, V, fill = _activation_levels(trace, i, k, t)
+    fill(R.bs(V) if len(V) else np.zeros((0, trace.model.cfg.d_vocab)))
+    return out
+
+
+def _activation_levels(trace, i: int, k: int, t: int):
+    """activation_report without the vocabulary views: (report, the level-2 subvalues whose top
+    tokens it shows [n, d], fill(bs [n, V]) that puts their top tokens in), so that `locate`
+    reads them out in the same product as its other vocabulary views."""
+    model, out, pending = trace.model, [], []
     for which in tracing.default_which(model):
         lvl1 = tracing.trace_activation(trace, i, k, t, which)
         srcs = [c for c in lvl1["contributions"] if c["source"].startswith(("attn.", "ffn."))]
@@ -240,12 +258,20 @@ def activation_report(trace, i: int, k: int, t: int, R) -> list[dict]:
             order = np.argsort(-sign * lvl2["values"], kind="stable")[:5]
             labels, vals = lvl2["labels"], lvl2["values"]
             _, sv = tracing.source_subvalues(trace, best["source"], t)
-            top = [[int(x) for x in top_ids(R.bs(sv[j]), 5)] for j in order]
-            lvl1["top_source"] = {"source": best["source"], "subvalues": [
-                {"label": labels[j], "value": float(vals[j]), "top_tokens": [model.token_str(x) for x in ids],
-                 "top_token_ids": ids} for j, ids in zip(order, top)]}
+            subs = [{"label": labels[j], "value": float(vals[j])} for j in order]
+            pending.append((subs, sv[order]))
+            lvl1["top_source"] = {"source": best["source"], "subvalues": subs}
         out.append(lvl1)
-    return out
+    V = np.concatenate([rows for _, rows in pending]) if pending else np.zeros((0, model.cfg.d_model))
+
+    def fill(bs):
+        n = 0
+        for subs, _ in pending:
+            for sub in subs:
+                ids = [int(x) for x in top_ids(bs[n], 5)]
+                sub["top_tokens"], sub["top_token_ids"] = [model.token_str(x) for x in ids], ids
+                n += 1
+    return out, V, fill
 
 
 # --- text report -------------------------------------------------------------------------
