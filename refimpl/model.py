@@ -236,7 +236,11 @@ class Model:
         """Id of the tokenizer's unknown token (what out-of-vocabulary text becomes), or None."""
         if not hasattr(self, "_unk_id"):
             def find(tok):
-                m = json.loads(tok.to_str()).get("model") or {}
+                model = tok.model
+                if type(model).__name__ != "Unigram":          # BPE, WordPiece, WordLevel: a getter (fast)
+                    unk_token = getattr(model, "unk_token", None)
+                    return tok.token_to_id(unk_token) if isinstance(unk_token, str) else None
+                m = json.loads(tok.to_str()).get("model") or {}     # Unigram keeps unk_id in the JSON only
                 if m.get("type") == "Unigram" and isinstance(m.get("unk_id"), int):
                     return m["unk_id"]
                 return tok.token_to_id(m["unk_token"]) if isinstance(m.get("unk_token"), str) else None
