@@ -266,6 +266,66 @@ def llama_meta(spec, d: str) -> None:
         torchzip.save(sd, fname, progress=_progress(f"consolidated.{r:02d}"))
 
 
+class _FakeShardTensor:
+    """One model-parallel slice as the Meta converter reads it (shape, dtype, raw()), with the
+    values synth.llama_meta would have written to consolidated.NN.pth."""
+
+    def __init__(self, shape, make):
+        self.shape, self.dtype, self._make = tuple(shape), "F16", make
+
+    def raw(self):
+        return self._make()
+
+
+def llama_meta_canonical(spec, dst: str, force: bool = False) -> str:
+    """The converted Llama-13B written without its 26 GB source: the real `meta-llama`
+    converter (converters.meta_llama.convert) runs on a source folder holding params.json,
+    tokenizer.model and two placeholder consolidated.NN.pth files, with its .pth reader
+    replaced by one that yields, slice by slice, exactly the fp16 values llama_meta writes.
+    The canonical tensors are therefore those of synth + convert; only the conversion itself
+    (reading 26 GB of .pth) is not exercised, and the disk needs 26 GB instead of 52 GB.
+    config.json's `source.files` records the placeholder files' hashes."""
+    from converters import meta_llama
+    a = spec.arch
+    L, D, H, F, V, mp = a["layers"], a["d"], a["heads"], a["ffn"], a["vocab"], a["mp"]
+    d = spec.source + "-placeholder"
+    _fresh(d)
+    with open(os.path.join(d, "params.json"), "w") as f:
+        json.dump({"dim": D, "multiple_of": a["multiple_of"], "n_heads": H, "n_layers": L,
+                   "norm_eps": 1e-05, "vocab_size": -1}, f)
+    shutil.copyfile(os.path.join(TOKENIZERS, "llama", "tokenizer.model"), os.path.join(d, "tokenizer.model"))
+    shapes = {"attention.wq.weight": (D, D), "attention.wk.weight": (D, D), "attention.wv.weight": (D, D),
+              "attention.wo.weight": (D, D), "feed_forward.w1.weight": (F, D), "feed_forward.w2.weight": (D, F),
+              "feed_forward.w3.weight": (F, D), "attention_norm.weight": (D,), "ffn_norm.weight": (D,)}
+    full = {"tok_embeddings.weight": ((V, D), 1), "norm.weight": ((D,), None), "output.weight": ((V, D), 0)}
+    for i in range(L):
+        for k, s in shapes.items():
+            full[f"layers.{i}.{k}"] = (s, META_SPLIT[k])
+    f16 = np.float16
+    parts = {}
+    for r in range(mp):
+        path = os.path.join(d, f"consolidated.{r:02d}.pth")
+        with open(path, "w") as f:
+            f.write(f"placeholder: shard {r} of the synthetic {spec.name} (values generated on demand)\n")
+        sd = {}
+        for name, (shape, dim) in full.items():
+            if dim is None:
+                sd[name] = _FakeShardTensor(shape, lambda n=name, s=shape: init(n, s, f16))
+            else:
+                part = list(shape)
+                part[dim] //= mp
+                sd[name] = _FakeShardTensor(part, lambda n=f"{name}#{r}", s=tuple(part): init(n, s, f16))
+        parts[path] = sd
+    real = meta_llama.torch_state_dict
+    meta_llama.torch_state_dict = lambda path: parts[path]
+    try:
+        if force and os.path.exists(dst):
+            shutil.rmtree(dst)
+        return meta_llama.convert(d, dst, force=force)
+    finally:
+        meta_llama.torch_state_dict = real
+
+
 def _progress(label):
     state = {"t": time.time()}
 
@@ -331,10 +391,19 @@ def main(argv=None) -> int:
     p.add_argument("models", nargs="*", default=ORDER, help=f"any of {', '.join(ORDER)} (default: all)")
     p.add_argument("--force", action="store_true", help="regenerate even if complete")
     p.add_argument("--verify", action="store_true", help="read the result back (torch_pickle vs torch.load)")
+    p.add_argument("--canonical", action="store_true", help="llama-13b only: write the CONVERTED model directly "
+                   "(llama_meta_canonical; no 26 GB source) into its canonical directory")
     args = p.parse_args(argv)
     for m in args.models:
         if m not in SPECS:
             p.error(f"unknown model {m!r}")
+        if args.canonical:
+            if m != "llama-13b":
+                p.error("--canonical is for llama-13b")
+            t0 = time.time()
+            llama_meta_canonical(SPECS[m], SPECS[m].canonical, args.force)
+            _log(f"{m}: canonical written directly in {time.time() - t0:.0f} s")
+            continue
         ensure(m, args.force)
         if args.verify:
             verify(m)

@@ -95,6 +95,11 @@ def task_estimate(args):
 
 # --- phase profile of one locate run --------------------------------------------------------
 
+# the phase profilers' clock: wall (default) or this process's CPU time (REFIMPL_PROFILE_CLOCK=cpu,
+# with OPENBLAS_NUM_THREADS=1 a stable measure of work while other processes load the machine)
+CLOCK = time.process_time if os.environ.get("REFIMPL_PROFILE_CLOCK") == "cpu" else time.perf_counter
+
+
 class PhaseProfiler:
     """Exclusive time per (phase, category): a phase is the outermost wrapped call (the
     steps of locate), a category what a wrapped function does (upcast, readout, ...)."""
@@ -108,11 +113,11 @@ class PhaseProfiler:
         def wrapper(*a, **k):
             phase = prof.stack[0][0] if prof.stack else cat
             prof.stack.append([phase, cat, 0.0])
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             try:
                 return fn(*a, **k)
             finally:
-                el = time.perf_counter() - t0
+                el = CLOCK() - t0
                 _, c, child = prof.stack.pop()
                 key = f"{phase}|{c}"
                 prof.excl[key] = prof.excl.get(key, 0.0) + el - child
@@ -157,6 +162,60 @@ def task_profile(args):
     _dump(args.out, {"total_s": total, "exclusive_s": prof.excl, "calls": prof.calls,
                      "upcasts": upcast_bytes, "ffn_scored": r["ffn_scored"], "dtype": args.dtype,
                      "cache_bytes": model.cache_bytes})
+
+
+# --- the whole `refimpl locate` process by phase ---------------------------------------------
+
+def task_phases(args):
+    """`refimpl locate` run in this process through its own CLI entry point, wall seconds per
+    phase: imports, CLI start (parser), model open, and inside locate() the forward pass, layer
+    scores, the three top-K searches, vocabulary views, counts, activation trace, bs-difference;
+    then the text/JSON output. A phase is the outermost wrapped call (exclusive of nothing: the
+    phases do not nest). Interpreter start-up is the parent's process wall minus T_START..end."""
+    import contextlib
+    import importlib
+    import io
+    t_proc = CLOCK()
+    times = {}
+    t0 = CLOCK()
+    import refimpl.cli as cli
+    times["imports"] = CLOCK() - t0
+    L = importlib.import_module("refimpl.locate")
+    from refimpl import cli_common, readout as RD
+    prof = PhaseProfiler()
+    for n in ("run", "layer_significance", "top_attn_subvalues", "top_ffn_subvalues", "top_attn_neurons",
+              "ffn_counts", "activation_report", "_activation_levels", "bs_difference_changes", "prompt_warnings", "resolve_target",
+              "resolve_versus", "format_report"):
+        if hasattr(L, n):
+            setattr(L, n, prof.wrap(n, getattr(L, n)))
+    RD.Readout.bs = prof.wrap("vocab_views", RD.Readout.bs)
+    cli_common.open_model = prof.wrap("model_open", cli_common.open_model)
+    import refimpl.cli_analysis as ca
+    ca.open_model = cli_common.open_model
+    cli_common.emit = prof.wrap("output", cli_common.emit)
+    ca.emit = cli_common.emit
+    build = cli.build_parser
+    cli.build_parser = prof.wrap("cli_start", build)
+    argv = ["locate", "--model", args.model, "--dtype", args.dtype]
+    argv += ["--ids", args.ids] if args.ids else [args.prompt]
+    if args.counts is not True and args.counts != "auto":
+        argv += ["--counts", "no"]
+    if args.json_out:
+        argv += ["--json"]
+    buf = io.StringIO()
+    t0 = CLOCK()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    times["main"] = CLOCK() - t0
+    assert rc == 0, rc
+    excl = {}
+    for k, v in prof.excl.items():
+        ph = k.split("|")[0]
+        excl[ph] = excl.get(ph, 0.0) + v
+    times.update(excl)
+    times["other_in_main"] = times["main"] - sum(excl.values())
+    _dump(args.out, {"times": times, "in_process_s": CLOCK() - T_START,
+                     "since_worker_start_s": CLOCK() - t_proc, "dtype": args.dtype})
 
 
 # --- TransformerLens side by side (GPT-2) -------------------------------------------------
@@ -525,7 +584,7 @@ def task_batching(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["locate", "estimate", "profile", "tl", "upcast", "ops", "batching"])
+    p.add_argument("task", choices=["locate", "estimate", "profile", "phases", "tl", "upcast", "ops", "batching"])
     p.add_argument("--model")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--prompt", default="The capital of France is")
@@ -536,6 +595,7 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--full-dla", action="store_true")
+    p.add_argument("--json-out", action="store_true")
     p.add_argument("--T", type=int, default=6)
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--out", required=True)
