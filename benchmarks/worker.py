@@ -218,6 +218,69 @@ def task_phases(args):
                      "since_worker_start_s": CLOCK() - t_proc, "dtype": args.dtype})
 
 
+# --- the floor: one pass of x @ W over every weight matrix -----------------------------------
+
+def task_pass(args):
+    """One pass of x @ W over every stored weight matrix, each in the orientation the model
+    multiplies it: np.matmul(x [T, a], W) for W [a, b] or [H, a, b] (per head), and for the
+    embedding matrices [V, d] the readout's x [T, d] @ W.T. x is random in the compute dtype,
+    T the prompt length; W is read from the memory map (page cache), as stored when that is
+    the compute dtype, else widened in blocks of 1024 rows into a reused buffer (what any exact
+    product in the compute dtype must do). Median of --reps passes after one untimed pass
+    (which also brings the pages in)."""
+    import refimpl
+    from refimpl.safetensors_io import bf16_to_f32
+    model = refimpl.load(args.model, dtype=args.dtype)
+    dt = model.dtype
+    T = int(args.T)
+    rng = np.random.default_rng(0)
+    jobs = []
+    for name, st in model.tensors.items():
+        if len(st.shape) < 2 or not name.rsplit(".", 1)[-1].startswith("W_"):      # matrices, not biases
+            continue
+        readout = name.endswith("W_E") and len(st.shape) == 2                 # x [T, d] @ W_E.T
+        a = st.shape[-1] if readout else st.shape[-2]
+        jobs.append((st, readout, rng.standard_normal((T, a)).astype(dt)))
+    buf = np.empty(1 << 20, dt)                                               # 8 MB (f64) reused block
+
+    def widen(blk, st):
+        b = buf[:blk.size].reshape(blk.shape)
+        np.copyto(b, blk if st.dtype != "BF16" else bf16_to_f32(blk), casting="unsafe")
+        return b
+
+    def one_pass():
+        for st, readout, x in jobs:
+            W = np.asarray(st.raw())
+            if W.dtype == dt:
+                np.matmul(x, W.T) if readout else np.matmul(x, W)
+                continue
+            if readout:                                                       # rows of W_E = columns of x @ W.T
+                k = max(1, buf.size // W.shape[1])
+                y = np.empty((T, W.shape[0]), dt)
+                for s0 in range(0, W.shape[0], k):
+                    y[:, s0:s0 + k] = x @ widen(W[s0:s0 + k], st).T
+            elif W.ndim == 2:
+                k = max(1, buf.size // W.shape[1])
+                y = np.zeros((T, W.shape[1]), dt)
+                for s0 in range(0, W.shape[0], k):
+                    y += x[:, s0:s0 + k] @ widen(W[s0:s0 + k], st)
+            else:
+                for h in range(W.shape[0]):                                   # [H, a, b]: one head at a time
+                    np.matmul(x, widen(W[h], st))
+    t0 = time.perf_counter()
+    one_pass()
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        one_pass()
+        ts.append(time.perf_counter() - t0)
+    n = sum(int(np.prod(st.shape)) for st, _, _ in jobs)
+    _dump(args.out, {"pass_s": float(np.median(ts)), "passes_s": ts, "first_pass_s": first, "T": T,
+                     "matrices": len(jobs), "elements": n, "stored_bytes": sum(st.nbytes for st, _, _ in jobs),
+                     "gflop": 2.0 * T * n / 1e9, "dtype": args.dtype})
+
+
 # --- TransformerLens side by side (GPT-2) -------------------------------------------------
 
 def task_tl(args):
@@ -584,7 +647,7 @@ def task_batching(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["locate", "estimate", "profile", "phases", "tl", "upcast", "ops", "batching"])
+    p.add_argument("task", choices=["locate", "estimate", "profile", "phases", "pass", "tl", "upcast", "ops", "batching"])
     p.add_argument("--model")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--prompt", default="The capital of France is")
