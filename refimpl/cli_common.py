@@ -78,7 +78,9 @@ def open_model(args):
             no_effect("--convert", f"with --model {model}: it is a converted model already")
     if getattr(args, "target", None) is not None and getattr(args, "target_id", None) is not None:
         raise RefimplError("give either --target or --target-id, not both")
-    return load(model, dtype=getattr(args, "dtype", "float64"), convert=convert)
+    m = load(model, dtype=getattr(args, "dtype", "float64"), convert=convert)
+    m.warm_start()                  # tokenizer and layer 0 in background threads while the command starts
+    return m
 
 
 def model_options(p, dtype=True):

@@ -75,9 +75,13 @@ class Model:
         self.dtype = np.dtype(DTYPES[dtype])
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._scratch: dict[str, np.ndarray] = {}           # per-layer buffers reused by block()
+        self._scratch: dict[tuple, np.ndarray] = {}         # per-layer buffers reused by block(), 2 sets
         self._cached = 0
         self._tokenizer = None
+        self._tokenizer_future = None
+        self._prefetch = None                               # (layer, Future) of the next streamed block
+        self._last_block = None
+        self._worker = None
         self._check_tensors()
         self.upcast_cache = self._open_upcast_cache()
 
@@ -90,7 +94,9 @@ class Model:
     # -- the prepared weight copy (refimpl/cache.py binds it to the model's exact files) ---------
     def needs_upcast(self) -> bool:
         """Whether any stored tensor differs from the compute dtype (and so has to be widened)."""
-        return any(t.dtype != NUMPY_TO_ST[self.dtype] for t in self.tensors.values())
+        if getattr(self, "_needs_upcast", None) is None:
+            self._needs_upcast = any(t.dtype != NUMPY_TO_ST[self.dtype] for t in self.tensors.values())
+        return self._needs_upcast
 
     def _open_upcast_cache(self):
         """The weights in the compute dtype, if `refimpl prepare` wrote them for exactly these
@@ -137,7 +143,10 @@ class Model:
             a = self.upcast_cache[src].raw()
             return a.T if transpose else a
         a = self._upcast(src)
-        a = a.T if transpose else a
+        return self._remember(name, a.T if transpose else a)
+
+    def _remember(self, name: str, a: np.ndarray) -> np.ndarray:
+        """Keep an upcast tensor in the LRU cache (the readout's always)."""
         if name.startswith(PINNED):                 # the readout is used by every analysis: always kept
             self._cache[name] = a
             return a
@@ -184,23 +193,90 @@ class Model:
         return self.weight(name) if self.has(name) else np.zeros(shape, self.dtype)
 
     def block(self, i: int) -> dict[str, np.ndarray]:
-        """All weights of block i in the compute dtype, keyed by the part after `blocks.{i}.`."""
+        """All weights of block i in the compute dtype, keyed by the part after `blocks.{i}.`.
+
+        A model larger than the weight cache streams: each layer is widened into one of two
+        sets of reused buffers, and while the caller works on layer i (the forward pass goes
+        in order) a background thread widens layer i+1 into the other set. So a result is
+        valid until block(i+2) is asked for (never keep it longer). The attention output
+        matrices W_O and the 1-d tensors (norms, biases), which the analyses read again after
+        the forward pass, are widened into their own arrays and kept in the cache."""
         if not 0 <= i < self.cfg.n_layers:
             raise RefimplError(f"layer {i} out of range (model has {self.cfg.n_layers} layers)")
         prefix = f"blocks.{i}."
         names = [n for n in self.tensors if n.startswith(prefix)]
         if self._fits_cache() or self.upcast_cache is not None:
             return {n[len(prefix):]: self.weight(n) for n in names}
-        # a model larger than the cache streams: every layer is widened into the same buffers,
-        # so a forward pass allocates (and page-faults) one layer's worth of memory, not L
+        pending, self._prefetch = self._prefetch, None
+        widened = None
+        if pending is not None:
+            got = pending[1].result()                  # never two writers in one buffer set
+            widened = got if pending[0] == i else None
+        if widened is None:
+            widened = self._widen_block(i)
+        sequential = self._last_block is None or self._last_block == i - 1
+        self._last_block = i
+        if sequential and i + 1 < self.cfg.n_layers and self._streams_with_copies():
+            self._prefetch = (i + 1, self._background().submit(self._widen_block, i + 1))
         out = {}
         for n in names:
             key = n[len(prefix):]
             if n in self._cache:
                 out[key] = self.weight(n)
+            elif key in widened and self._keep(key, widened[key].shape):
+                out[key] = self._remember(n, widened[key])
+            elif key in widened:
+                out[key] = widened[key]
             else:
-                out[key] = self._scratch[key] = self._upcast(n, self._scratch.get(key))
+                out[key] = self.weight(n)
         return out
+
+    @staticmethod
+    def _keep(key: str, shape: tuple) -> bool:
+        return key == "attn.W_O" or len(shape) == 1
+
+    def _widen_block(self, i: int) -> dict[str, np.ndarray]:
+        """Layer i's stored tensors in the compute dtype (runs in the background thread too: it
+        reads no cache, only the memory maps, and writes buffer set i % 2 or new arrays)."""
+        prefix, out = f"blocks.{i}.", {}
+        for n in self.tensors:
+            if not n.startswith(prefix) or n in self._cache:
+                continue
+            key = n[len(prefix):]
+            st = self.tensors[n]
+            if st.dtype == NUMPY_TO_ST[self.dtype] or self._keep(key, st.shape):
+                out[key] = self._upcast(n)
+            else:
+                out[key] = self._scratch[(i % 2, key)] = self._upcast(n, self._scratch.get((i % 2, key)))
+        return out
+
+    def _streams_with_copies(self) -> bool:
+        """Whether a streamed block is worth widening ahead in the background: it widens anything
+        (else it is memory maps only) and a second set of layer buffers is small (a quarter of the
+        cache), so the prefetch never raises the peak memory of a large model."""
+        if getattr(self, "_prefetch_ok", None) is None:
+            layer = sum(math.prod(t.shape) for n, t in self.tensors.items() if n.startswith("blocks.0."))
+            self._prefetch_ok = self.needs_upcast() and layer * self.dtype.itemsize <= self.cache_bytes // 4
+        return self._prefetch_ok
+
+    def _background(self):
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="refimpl-prefetch")
+        return self._worker
+
+    def warm_start(self) -> None:
+        """Start, in background threads, what every analysis needs first: loading the tokenizer
+        and widening layer 0 (the CLI calls this right after opening the model, so that both
+        overlap with each other and with the rest of the start-up)."""
+        if self._tokenizer is None and self._tokenizer_future is None:
+            from concurrent.futures import ThreadPoolExecutor
+            pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-tokenizer")
+            self._tokenizer_future = pool.submit(_load_tokenizer, os.path.join(self.path, "tokenizer.json"))
+            pool.shutdown(wait=False)
+        if self._prefetch is None and not (self._fits_cache() or self.upcast_cache is not None) \
+                and self._streams_with_copies() and self.cfg.n_layers:
+            self._prefetch = (0, self._background().submit(self._widen_block, 0))
 
     def _fits_cache(self) -> bool:
         if getattr(self, "_n_elements", None) is None:
@@ -216,7 +292,9 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(os.path.join(self.path, "tokenizer.json"))
+            fut, self._tokenizer_future = self._tokenizer_future, None
+            self._tokenizer = fut.result() if fut is not None else \
+                _load_tokenizer(os.path.join(self.path, "tokenizer.json"))     # errors raise here, as before
         return self._tokenizer
 
     def _tok(self, what: str, fn, *args):

@@ -86,10 +86,20 @@ class StoredTensor:
             for a in starts:
                 part(a)
         else:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(len(starts)) as pool:
-                list(pool.map(part, starts))
+            list(_cast_pool().map(part, starts))
         return out
+
+
+_CAST_POOL = None
+
+
+def _cast_pool():
+    """The threads of cast_into, started once per process (not per tensor)."""
+    global _CAST_POOL
+    if _CAST_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _CAST_POOL = ThreadPoolExecutor(CAST_THREADS, thread_name_prefix="refimpl-cast")
+    return _CAST_POOL
 
 
 def _no_duplicates(pairs):
