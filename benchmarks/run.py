@@ -696,6 +696,32 @@ def report(names, mach: dict, started_load) -> str:
     return "\n".join(parts)
 
 
+# sections of results.md written by other scripts, carried over verbatim when the report is rebuilt:
+# the batch throughput table (benchmarks/batch.py) and the speed section (benchmarks/speed.py)
+KEPT_SECTIONS = [("<!-- batch:begin -->", "<!-- batch:end -->"), ("<!-- speed:begin -->", "<!-- speed:end -->")]
+
+
+def keep_sections(old: str, new: str) -> str:
+    """`new` with every KEPT_SECTIONS block of `old` copied in verbatim: in place of the same block
+    of `new` if it has one, else after the title line (in the order they appear in `old`)."""
+    found = []
+    for begin, end in KEPT_SECTIONS:
+        if begin in old and end in old[old.index(begin):]:
+            a = old.index(begin)
+            found.append((a, begin, end, old[a:old.index(end, a) + len(end)]))
+    insert = []
+    for _, begin, end, block in sorted(found):
+        if begin in new and end in new[new.index(begin):]:
+            a = new.index(begin)
+            new = new[:a] + block + new[new.index(end, a) + len(end):]
+        else:
+            insert.append(block)
+    if insert:
+        head, _, rest = new.partition("\n")
+        new = head + "\n\n" + "\n\n".join(insert) + "\n" + rest
+    return new
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="refimpl benchmarks (see benchmarks/README.md)")
     p.add_argument("--models", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
@@ -757,6 +783,9 @@ def main(argv=None) -> int:
                     for dt in (("float64", "float32") if n.startswith("llama") else ("float64",)):
                         step_profile(SPECS[n], dt, opts)
     text = report(names, machine(), started)
+    if os.path.exists(opts.out):
+        with open(opts.out) as f:
+            text = keep_sections(f.read(), text)
     with open(opts.out, "w") as f:
         f.write(text)
     print(table(names))

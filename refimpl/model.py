@@ -246,8 +246,9 @@ class Model:
             st = self.tensors[n]
             if st.dtype == NUMPY_TO_ST[self.dtype] or self._keep(key, st.shape):
                 out[key] = self._upcast(n)
-            else:
-                out[key] = self._scratch[(i % 2, key)] = self._upcast(n, self._scratch.get((i % 2, key)))
+            else:           # two buffer sets only when prefetching (else one: no more memory than one layer)
+                slot = (i % 2 if self._streams_with_copies() else 0, key)
+                out[key] = self._scratch[slot] = self._upcast(n, self._scratch.get(slot))
         return out
 
     def _streams_with_copies(self) -> bool:
