@@ -17,13 +17,11 @@ that came from a file safe to print on a terminal (no escape sequences, one line
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
 import os
 import stat
-import tempfile
 import threading
 
 from .errors import FormatError, Interrupted, RefimplError
@@ -209,6 +207,7 @@ _libc = None
 def _renameat2(src: str, dst: str, flags: int) -> bool:
     """renameat2(2) through libc; False when the system does not offer it (caller falls back)."""
     global _libc
+    import ctypes                               # imported here: only writers rename (start-up time)
     if _libc is None:
         try:
             _libc = ctypes.CDLL(None, use_errno=True)
@@ -263,6 +262,7 @@ def write_new_file(path, write, force: bool = False, what: str = "output file") 
         raise RefimplError(f"{path}: is a directory; refused")
     if os.path.lexists(path) and not force:
         raise RefimplError(f"{path}: already exists (use --force to replace it)")
+    import tempfile                             # imported here: only writers need it (start-up time)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as e:
