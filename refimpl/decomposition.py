@@ -72,13 +72,19 @@ def attn_neuron_subvalues(trace, i: int, t: int, heads, dims, positions) -> np.n
     t = _check(trace, i, t)
     heads, dims, positions = (np.asarray(a, dtype=np.int64) for a in (heads, dims, positions))
     coef = attn_neuron_coefficients(trace, i, t)[heads, dims, positions]   # [n]
-    W_O = trace.model.weight(f"blocks.{i}.attn.W_O")                       # [H, dh, d]
-    return coef[:, None] * W_O[heads, dims]                                 # [n, d]
+    rows = trace.model._take(f"blocks.{i}.attn.W_O", (heads, dims))        # [n, d] only these rows of W_O
+    return coef[:, None] * rows                                             # [n, d]
 
 
 def attn_subvalues_by_position(trace, i: int, t: int) -> np.ndarray:
-    """attn_i^{t.j} [t+1, d]: the subvalue of source position j, heads summed (Eq. 7)."""
-    return attn_subvalues_by_head_position(trace, i, t).sum(0)
+    """attn_i^{t.j} [t+1, d]: the subvalue of source position j, heads summed (Eq. 7).
+    Memoised per trace (a copy is returned): the top-K search, the vocabulary views and the
+    activation trace ask for the same layers, and each call needs the layer's whole W_O."""
+    t = _check(trace, i, t)
+    memo = trace.__dict__.setdefault("_attn_by_position", {})
+    if (i, t) not in memo:
+        memo[(i, t)] = attn_subvalues_by_head_position(trace, i, t).sum(0)
+    return memo[(i, t)].copy()
 
 
 def attn_subvalues_by_head(trace, i: int, t: int) -> np.ndarray:

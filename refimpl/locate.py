@@ -257,9 +257,8 @@ def _activation_levels(trace, i: int, k: int, t: int):
             lvl2 = tracing.trace_source(trace, i, k, best["source"], t, which, "position")
             order = np.argsort(-sign * lvl2["values"], kind="stable")[:5]
             labels, vals = lvl2["labels"], lvl2["values"]
-            _, sv = tracing.source_subvalues(trace, best["source"], t)
             subs = [{"label": labels[j], "value": float(vals[j])} for j in order]
-            pending.append((subs, sv[order]))
+            pending.append((subs, tracing.source_subvalue_rows(trace, best["source"], t, order)))
             lvl1["top_source"] = {"source": best["source"], "subvalues": subs}
         out.append(lvl1)
     V = np.concatenate([rows for _, rows in pending]) if pending else np.zeros((0, model.cfg.d_model))

@@ -18,7 +18,7 @@ import numpy as np
 from .config import Config, check_tensors, looks_canonical, read_config, resolve_name, short
 from .errors import FormatError, RefimplError
 from .files import read_json
-from .safetensors_io import NUMPY_TO_ST, StoredTensor, read_header
+from .safetensors_io import NUMPY_TO_ST, StoredTensor, bf16_to_f32, read_header
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 PINNED = ("unembed.", "ln_final.")
@@ -169,6 +169,24 @@ class Model:
             out = np.empty(st.shape, self.dtype)
         return st.cast_into(out)
 
+    def matvec(self, name: str, v: np.ndarray, block: int = 2048) -> np.ndarray:
+        """W @ v for a 2-d tensor W [n, m] in the compute dtype, widening `block` rows at a time
+        into one reused buffer when W is not cached (no full-size copy of a large layer)."""
+        src, transpose = self._resolve(name)
+        st = self.tensors.get(src)
+        if transpose or name in self._cache or st is None or st.dtype == NUMPY_TO_ST[self.dtype] \
+                or (self.upcast_cache is not None and src in self.upcast_cache) or len(st.shape) != 2:
+            return self.weight(name) @ v
+        raw = st.raw()
+        out = np.empty(st.shape[0], np.result_type(self.dtype, v))
+        buf = np.empty((min(block, st.shape[0]), st.shape[1]), self.dtype)
+        for a in range(0, st.shape[0], block):
+            rows = raw[a:a + block]
+            b = buf[:len(rows)]
+            b[...] = rows if st.dtype != "BF16" else bf16_to_f32(rows)
+            out[a:a + len(rows)] = b @ v
+        return out
+
     def rows(self, name: str, idx) -> np.ndarray:
         """Rows `idx` of a tensor in the compute dtype (a copy), without converting the whole tensor."""
         return self._take(name, (idx,))
@@ -218,6 +236,11 @@ class Model:
         self._last_block = i
         if sequential and i + 1 < self.cfg.n_layers and self._streams_with_copies():
             self._prefetch = (i + 1, self._background().submit(self._widen_block, i + 1))
+        if sequential and not self._all_read_ahead:        # the disk works ahead of the forward pass
+            ahead = [f"blocks.{j}." for j in (i + 1, i + 2) if j < self.cfg.n_layers]
+            if i + 2 >= self.cfg.n_layers:
+                ahead += list(PINNED)
+            self._background().submit(self._read_ahead, ahead)
         out = {}
         for n in names:
             key = n[len(prefix):]
@@ -266,10 +289,43 @@ class Model:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="refimpl-prefetch")
         return self._worker
 
+    _all_read_ahead = False
+
+    def _read_ahead(self, prefixes) -> None:
+        """Ask the OS to read the stored tensors whose names start with `prefixes` into the page
+        cache (posix_fadvise WILLNEED: asynchronous, no memory of this process), so that the
+        first use of a weight does not wait for the disk."""
+        spans: dict[str, list] = {}
+        for n, st in self.tensors.items():
+            if n.startswith(tuple(prefixes)) and st.nbytes:
+                spans.setdefault(st.path, []).append((st.offset, st.nbytes))
+        for path, sp in spans.items():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                for off, n in sp:
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+            except (OSError, AttributeError):
+                pass
+            finally:
+                os.close(fd)
+
     def warm_start(self) -> None:
-        """Start, in background threads, what every analysis needs first: loading the tokenizer
-        and widening layer 0 (the CLI calls this right after opening the model, so that both
-        overlap with each other and with the rest of the start-up)."""
+        """Start, in background threads, what every analysis needs first: loading the tokenizer,
+        reading the weights from disk ahead of their use (all of them when they take under a
+        quarter of the RAM, else the first layers; block() keeps reading two layers ahead) and
+        widening layer 0 (the CLI calls this right after opening the model, so that all of it
+        overlaps with each other and with the rest of the start-up)."""
+        total = sum(t.nbytes for t in self.tensors.values())
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 0
+        self._all_read_ahead = 0 < total <= ram // 4
+        self._background().submit(self._read_ahead, [""] if self._all_read_ahead else
+                                  ["blocks.0.", "blocks.1.", "embed.", "pos_embed."])
         if self._tokenizer is None and self._tokenizer_future is None:
             from concurrent.futures import ThreadPoolExecutor
             pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-tokenizer")

@@ -69,16 +69,42 @@ def source_subvalues(trace, source: str, t: int, by: str = "position") -> tuple[
     raise RefimplError(f"bad source {source!r}: expected attn.J, ffn.J or emb.token/position")
 
 
+def source_subvalue_rows(trace, source: str, t: int, rows, by: str = "position") -> np.ndarray:
+    """Rows `rows` of source_subvalues(trace, source, t, by)[1] [n, d], for an FFN source
+    without building all of its d_ff subvalues (m^k fc2^k of the rows asked for, and b_out)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    kind, _, idx = source.partition(".")
+    if kind != "ffn":
+        return source_subvalues(trace, source, t, by)[1][rows]
+    j, F = int(idx), trace.model.cfg.d_ff
+    out = np.empty((len(rows), trace.model.cfg.d_model), trace.model.dtype)
+    neu = rows < F
+    if neu.any():
+        out[neu] = trace.ffn_subvalues(j, t, rows[neu])                    # [n, d]
+    if (~neu).any():
+        out[~neu] = trace.ffn_bias_subvalue(j)
+    return out
+
+
 def trace_source(trace, i: int, k: int, source: str, t: int = -1, which: str = "in",
                  by: str = "position") -> dict:
     """Level 2: contributions of the subvalues of `source` to neuron k's pre-activation."""
     t = _check(trace, i, t)
-    labels, sv = source_subvalues(trace, source, t, by)
     kind, _, idx = source.partition(".")
+    if kind == "ffn":                 # (m^k fc2^k) @ K for every k, without the [d_ff, d] subvalues
+        labels = [f"ffn.{int(idx)}.n{n}" for n in range(trace.model.cfg.d_ff)] + [f"ffn.{int(idx)}.bias"]
+    else:
+        labels, sv = source_subvalues(trace, source, t, by)
     if kind != "emb" and not (int(idx) < i or (kind == "attn" and int(idx) == i)):
         raise RefimplError(f"{source} comes after layer {i}'s FFN input; it cannot activate it")
     sk = subkey(trace.model, i, k, which)
     _, sigma = norm_stats_at(trace, i, t)
-    vals = sv @ sk.K / sigma                                                # [n]
+    if kind == "ffn":
+        j = int(idx)
+        m = trace.layers[j].m[t % trace.T]                                  # [F]
+        vals = np.append(m * trace.model.matvec(f"blocks.{j}.mlp.W_out", sk.K),
+                         trace.ffn_bias_subvalue(j) @ sk.K) / sigma         # [F + 1]
+    else:
+        vals = sv @ sk.K / sigma                                            # [n]
     return {"layer": i, "neuron": int(k), "source": source, "which": which, "by": by,
             "total": float(vals.sum()), "labels": labels, "values": vals}
