@@ -153,10 +153,11 @@ class Model:
         if a.nbytes <= self.cache_bytes:
             self._cache[name] = a
             self._cached += a.nbytes
-            for key in [k for k in self._cache if not k.startswith(PINNED)]:
-                if self._cached <= self.cache_bytes:
-                    break
-                self._cached -= self._cache.pop(key).nbytes
+            if self._cached > self.cache_bytes:
+                for key in [k for k in self._cache if not k.startswith(PINNED)]:
+                    if self._cached <= self.cache_bytes:
+                        break
+                    self._cached -= self._cache.pop(key).nbytes
         return a
 
     def _upcast(self, src: str, out: np.ndarray | None = None) -> np.ndarray:
