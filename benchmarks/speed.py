@@ -105,6 +105,25 @@ def locate_run(model_dir: str, dtype: str, label: str) -> dict:
     return m
 
 
+def cold_read(model_dir: str) -> dict:
+    """The floor of a cold run: every file of the model read once, sequentially, right after
+    its pages were dropped from the page cache."""
+    R.drop_page_cache(model_dir)
+    la = os.getloadavg()[0]
+    t0, n = time.perf_counter(), 0
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    b = f.read(16 << 20)
+                    if not b:
+                        break
+                    n += len(b)
+    t = time.perf_counter() - t0
+    return {"wall_s": t, "bytes": n, "gb_per_s": n / 1e9 / t, "loadavg_before": la, "maxrss_mb": 0}
+
+
 def series(rec: dict, key: str, n: int, fn) -> list:
     runs = rec.setdefault(key, [])
     while len(runs) < n:
@@ -141,6 +160,10 @@ def measure(spec, opts) -> None:
                 series(rec, f"first_{dt}", n, first)
                 save()
             shutil.rmtree(tmp, ignore_errors=True)
+        if not big and "cold" in opts.kinds and "disk" not in rec:
+            log(f"{spec.name}: cold sequential read of the model's files")
+            rec["disk"] = [cold_read(d) for _ in range(3)]
+            save()
         if not big and "cold" in opts.kinds:
             def cold(k, dt=dt):
                 log(f"{spec.name} {dt}: cold locate ({k + 1}/{n})")
@@ -209,9 +232,12 @@ def section() -> str:
             b = BEFORE["gpt2-medium"][dt]
             warm, cold, first = g.get(f"warm_{dt}", []), g.get(f"cold_{dt}", []), g.get(f"first_{dt}", [])
             counts = all(r.get("counts") for r in warm) if warm else None
+            disk = g.get("disk")
+            floor = (f"; reading the files alone takes {fs(med(disk))} at {R.median([x['gb_per_s'] for x in disk]):.2f} GB/s"
+                     if disk else "")
             out.append(f"| {dt} first run, files not in the page cache | {fs(b['first'])} (no counts) | "
                        f"{fs(med(cold))} ({'with' if cold and all(r.get('counts') for r in cold) else 'no'} counts; "
-                       f"n={len(cold)}) | {'<= 3 s' if dt == 'float64' else '<= 2 s'}"
+                       f"n={len(cold)}{floor}) | {'<= 3 s' if dt == 'float64' else '<= 2 s'}"
                        f"{verdict('gpt2-medium', dt, 'first', med(cold))} |")
             if first:
                 out.append(f"| {dt} first run right after `refimpl convert` | - | {fs(med(first))} (n={len(first)}; "
