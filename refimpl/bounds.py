@@ -183,3 +183,181 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
         return upper, None
     slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0
     return upper, upper - slack
+
+
+# --- certified brackets without any per-neuron precomputation (counts, Fig. 6-7) -----------
+#
+# For a linear readout and v added to a base L (u = s(v), p = softmax at L, per part):
+#
+#     C(v) = g . v - R,   R = log E_p e^u - p.u = int_0^1 (1 - s) Var_{q_s}(u) ds >= 0
+#
+# with q_s = softmax(log p + s u). Popoviciu: a variance of values in an interval of width r
+# is at most r^2 / 4, and the scores' range is r <= 2 max_j |b_j . y| <= 2 B ||y|| with b_j the
+# part's score map columns centred on their mean (softmax ignores a common shift) and y the
+# part's input (the frozen-normalised v). So 0 <= R <= B^2 ||y||^2 / 2: one constant B per
+# model and part, one ||y|| per neuron (||y|| <= |m_k| ||fc2_k|| max|gamma| / scale).
+
+def _part_matrix_columns(R: Readout, part: Part):
+    """Yield blocks [d, n] of the part's score map (columns: one per softmax entry)."""
+    m, d = R.model, R.model.cfg.d_model
+    if part.name == "vocab":
+        W = m.weight("unembed.W_U")                                          # [d, V]
+        for s in range(0, W.shape[1], 8192):
+            yield np.asarray(W[:, s:s + 8192], np.float64)
+        return
+    eye = np.eye(d, dtype=m.dtype)                                           # scores of unit vectors
+    yield np.concatenate([np.asarray(part.scores(eye[s:s + 256]), np.float64) for s in range(0, d, 256)], 0)
+
+
+def readout_constants(R: Readout, w: int) -> list[tuple[float, float]]:
+    """Per part of target w: (B^2, W) with B = max centred column norm of the part's score map
+    (the slack) and W = max uncentred column norm (rounding margins), in float64, inflated
+    for their own rounding. Memoised on the model."""
+    memo = R.model.__dict__.setdefault("_readout_constants", {})
+    out = []
+    for part in parts(R, w):
+        key = (part.name,)
+        if key not in memo:
+            blocks = list(_part_matrix_columns(R, part))
+            total = sum(b.sum(1) for b in blocks)
+            n = sum(b.shape[1] for b in blocks)
+            mu = total / n                                                   # [d] mean column
+            B2 = max(float(((b - mu[:, None]) ** 2).sum(0).max()) for b in blocks)
+            W2 = max(float((b ** 2).sum(0).max()) for b in blocks)
+            memo[key] = (B2 * (1 + 1e-12) + 1e-300, np.sqrt(W2) * (1 + 1e-12))
+        out.append(memo[key])
+    return out
+
+
+def _row_norms(model, i: int) -> np.ndarray:
+    """||fc2_k|| of every neuron of layer i [F] (float64, an upper bound: inflated by the
+    rounding of the sums of squares), memoised on the model."""
+    memo = model.__dict__.setdefault("_fc2_norms", {})
+    if i not in memo:
+        W = model.weight(f"blocks.{i}.mlp.W_out")                            # [F, d]
+        eps = np.finfo(W.dtype).eps
+        sq = np.einsum("ij,ij->i", W, W).astype(np.float64)
+        memo[i] = np.sqrt(sq * (1 + (W.shape[1] + 4) * eps)) * (1 + 4 * eps)
+    return memo[i]
+
+
+def _g64(R: Readout, bases: np.ndarray, w: int) -> np.ndarray:
+    """g_vector in float64 for bases [n, d] (rounding of g itself is then negligible; the
+    softmax p is the readout's own, computed in the model's dtype)."""
+    b2 = np.atleast_2d(np.asarray(bases, R.model.dtype))
+    g = np.zeros(b2.shape)
+    m = R.model
+    for part, (lp, sel) in zip(parts(R, w), R._base_groups(b2, w)):
+        e = -np.exp(np.asarray(lp, np.float64))
+        e[..., sel] += 1.0
+        if part.name == "vocab":
+            W = m.weight("unembed.W_U")                                      # [d, V]
+            for s in range(0, W.shape[1], 8192):
+                g += e[:, s:s + 8192] @ np.asarray(W[:, s:s + 8192], np.float64).T
+        else:
+            g += np.asarray(part.adjoint(e), np.float64)
+    if R.has_norm:
+        gam = np.asarray(R.gamma, np.float64)
+        g = gam * g / float(R.scale[0])
+        if R.centre:
+            g = g - g.mean(-1, keepdims=True)
+    return g
+
+
+def _norm_factor(R: Readout) -> float:
+    """||y|| <= factor * ||v|| for the part input y of a vector v (the frozen norm map)."""
+    if not R.has_norm:
+        return 1.0
+    return float(np.abs(np.asarray(R.gamma, np.float64)).max() / float(R.scale[0])) * (1 + 1e-12)
+
+
+def score_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
+    """Bound on |computed C - C| for the exact scoring (Readout.increase) in `dtype` of
+    vectors with part-input norms <= y_norm [n]: the normalisation and the score products
+    (error (d + d_proj) eps relative to W ||y|| each, C being 2-Lipschitz in the scores), the
+    readout's own base p (relative error <~ eps (log V + ...)) and the final reductions."""
+    eps = float(np.finfo(dtype).eps)
+    cfg = R.model.cfg
+    d_eff = cfg.d_model + (cfg.d_model if R.head.adaptive else 0)
+    out = np.zeros(len(y_norm))
+    for B2, Wm in readout_constants(R, w):
+        U = Wm * y_norm                                                      # >= max |u_j|
+        out += eps * ((4 * d_eff + 32) * U + (4 * np.log(cfg.d_vocab + 1) + 64) * np.exp(np.minimum(U, 50)) * U)
+    return out
+
+
+def ffn_brackets(trace, i: int, w: int, t: int, R: Readout):
+    """Certified (lower, upper) on the exact C of every FFN subvalue of layer i at position t
+    (the subvalue as the trace computes it, m_k * fc2_k in the model's dtype), without any
+    vocabulary-sized work per neuron: upper = g . v (Jensen), lower = g . v - B^2 ||y||^2 / 2,
+    each widened by the rounding of its own evaluation. Also returns y_norm [F], the bound on
+    the part input norms (for score_error). Memoised per trace."""
+    memo, t = R.trace_memo(trace), t % trace.T
+    key = ("ffn_brackets", i, t, int(w))
+    if key in memo:
+        return memo[key]
+    model = trace.model
+    gkey = ("g64", t, int(w))
+    if gkey not in memo:
+        memo[gkey] = _g64(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
+    g = memo[gkey][i]
+    m = np.asarray(trace.layers[i].m[t], np.float64)                          # [F]
+    W = model.weight(f"blocks.{i}.mlp.W_out")                                # [F, d]
+    gv = W @ g if W.dtype == np.float64 else np.asarray(W, np.float64) @ g   # [F] float64 products
+    upper = m * gv
+    wn = _row_norms(model, i)
+    y_norm = np.abs(m) * wn * _norm_factor(R) * (1 + 4 * np.finfo(model.dtype).eps)
+    slack = sum(B2 for B2, _ in readout_constants(R, w)) * y_norm ** 2 / 2 * (1 + 1e-9)
+    eps_dt, eps64 = float(np.finfo(model.dtype).eps), float(np.finfo(np.float64).eps)
+    gn = float(np.linalg.norm(g))
+    d = model.cfg.d_model
+    # v = fl(m * fc2) (one rounding per entry), g . v in float64, base p in the model's dtype
+    margin = (2 * eps_dt + (d + 8) * eps64) * np.abs(m) * wn * gn \
+        + score_error(R, w, y_norm, model.dtype) * 0.5
+    lower, upper = upper - slack - margin, upper + margin
+    zero = m == 0                                                            # v = 0: C = 0 exactly
+    lower[zero], upper[zero] = 0.0, 0.0
+    memo[key] = out = (lower, upper, y_norm)
+    return out
+
+
+def _readout64(R: Readout) -> Readout:
+    """The same readout computed in float64 (weights widened exactly; the frozen scale is the
+    run's own value), for re-scoring subvalues whose class the working dtype cannot decide."""
+    if R.model.dtype == np.float64:
+        return R
+    r64 = getattr(R, "_r64", None)
+    if r64 is None:
+        from .model import load
+        m64 = R.model.__dict__.get("_model64")
+        if m64 is None:
+            m64 = R.model._model64 = load(R.model.path, dtype="float64")
+        r64 = Readout(m64, np.ones(R.model.cfg.d_model), R.kind)
+        if R.has_norm:
+            r64.scale = np.asarray(R.scale, np.float64)
+        R._r64 = r64
+    return r64
+
+
+def class_values(trace, i: int, w: int, t: int, R: Readout, neurons: np.ndarray, c: np.ndarray,
+                 tau: float) -> np.ndarray:
+    """The values that decide the class (helpful C > tau, unhelpful C < -tau, negligible) of FFN
+    subvalues `neurons` of layer i with exact scores c (computed in the model's dtype): c
+    itself, except where c is within its rounding bound of +-tau, where C is re-scored in
+    float64 (so a float32 run counts what the exact C says, not its rounding). Lens scores are
+    used as they are."""
+    c = np.asarray(c, np.float64)
+    if R.kind == "lens" or R.model.dtype == np.float64 or len(c) == 0:
+        return c
+    m = np.asarray(trace.layers[i].m[t % trace.T], np.float64)[neurons]
+    y_norm = np.abs(m) * _row_norms(trace.model, i)[neurons] * _norm_factor(R) * (1 + 4 * np.finfo(np.float32).eps)
+    err = score_error(R, w, y_norm, R.model.dtype)
+    near = np.flatnonzero((np.abs(c - tau) <= err) | (np.abs(c + tau) <= err))
+    if len(near) == 0:
+        return c
+    R64 = _readout64(R)
+    base = np.asarray(trace.layers[i].lres[t], np.float64)[None]
+    V = np.asarray(trace.ffn_subvalues(i, t, neurons[near]), np.float64)
+    out = c.copy()
+    out[near] = R64.increase(base, np.zeros(len(near), dtype=np.int64), V, w)[0]
+    return out
