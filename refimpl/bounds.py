@@ -229,6 +229,65 @@ def readout_constants(R: Readout, w: int) -> list[tuple[float, float]]:
     return out
 
 
+def _centred_gram(R: Readout, part: Part) -> tuple[np.ndarray, float]:
+    """(G, err): G = sum_j (a_j - mu)(a_j - mu)^T [d, d] (float64) over the part's score-map
+    columns a_j (mu their mean), and a bound err on ||G - exact||_2. The plain unembedding is
+    multiplied in float32 blocks of 1024 columns (exact float32 inputs: its stored values) and
+    accumulated in float64: each block's product errs by at most gamma_1024 |W_b| |W_b|^T,
+    whose norm is at most gamma_1024 ||W_b||_F^2. Memoised on the model."""
+    memo = R.model.__dict__.setdefault("_centred_gram", {})
+    if part.name in memo:
+        return memo[part.name]
+    m = R.model
+    if part.name == "vocab" and m.tensors[m._resolve("unembed.W_U")[0]].dtype in ("F32", "F16", "BF16"):
+        W = m.stored("unembed.W_U")                                          # [d, V] stored values
+        d, V = W.shape
+        G, s1, fro = np.zeros((d, d)), np.zeros(d), 0.0
+        n_c = 1024
+        for s in range(0, V, n_c):
+            b = np.asarray(W[:, s:s + n_c], np.float32)                     # exact
+            G += b @ b.T                                                     # [d, d] float32 product
+            s1 += b.sum(1, dtype=np.float64)
+            fro += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
+        mu = s1 / V
+        G -= V * np.outer(mu, mu)
+        eps32 = float(np.finfo(np.float32).eps)
+        err = (n_c + 2) * eps32 * fro * 1.01 + 1e-12 * fro
+    else:
+        blocks = list(_part_matrix_columns(R, part))
+        n = sum(b.shape[1] for b in blocks)
+        mu = sum(b.sum(1) for b in blocks) / n
+        G = sum((b - mu[:, None]) @ (b - mu[:, None]).T for b in blocks)
+        fro = float(sum((b ** 2).sum() for b in blocks))
+        err = (n + 8) * float(np.finfo(np.float64).eps) * fro * 4 + 1e-300
+    memo[part.name] = out = (G, err)
+    return out
+
+
+def gram_lambda(R: Readout, part: Part) -> float:
+    """A certified upper bound on lambda_max(N1^T G N1) with N1 the frozen norm map at unit scale
+    (gamma and centring; identity without a norm): ||A y - mean||^2 <= lambda ||v||^2 / scale^2
+    for y the part input of v. Memoised on the model per readout kind."""
+    key = (part.name, "norm" if R.has_norm else "raw")
+    memo = R.model.__dict__.setdefault("_gram_lambda", {})
+    if key in memo:
+        return memo[key]
+    import scipy.linalg
+    G, err = _centred_gram(R, part)
+    if R.has_norm:
+        gam = np.asarray(R.gamma, np.float64)
+        G = gam[:, None] * G * gam[None, :]
+        err = err * float(np.abs(gam).max()) ** 2 * (1 + 1e-12)
+        if R.centre:                                                        # P G P, P = I - 11^T/d
+            G = G - G.mean(0, keepdims=True)
+            G = G - G.mean(1, keepdims=True)
+    G = (G + G.T) / 2
+    lam = float(scipy.linalg.eigh(G, eigvals_only=True, subset_by_index=[len(G) - 1, len(G) - 1])[0])
+    fro = float(np.sqrt((G ** 2).sum()))
+    memo[key] = out = max(lam, 0.0) + err + 1e-9 * fro + 1e-300          # eigh: backward stable
+    return out
+
+
 def _row_norms(model, i: int) -> np.ndarray:
     """||fc2_k|| of every neuron of layer i [F] (float64, an upper bound: inflated by the
     rounding of the sums of squares), memoised on the model."""
@@ -286,14 +345,45 @@ def score_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
-def ffn_brackets(trace, i: int, w: int, t: int, R: Readout):
+def _slack(R: Readout, w: int, i: int, t: int, trace, m: np.ndarray, wn: np.ndarray, y_norm: np.ndarray,
+           memo: dict, spectral: bool = True) -> np.ndarray:
+    """Per neuron, an upper bound on R = g.v - C >= 0 (the second-order term), summed over the
+    softmax parts, the smaller of
+      Popoviciu:  R <= B^2 ||y||^2 / 2                       (scores' range <= 2 B ||y||)
+      spectral:   R <= c(p, r) ||A y - mean||^2 <= c lambda m^2 ||fc2||^2 / scale^2
+    where c = min(1/2, p_max e^r ...) integrates the largest softmax probability along the path
+    (q_s <= p e^{s r}: c = p_max (e^r - 1 - r) / r^2, and lambda_max of a softmax covariance is
+    at most 1/2, so c <= 1/4) and lambda is gram_lambda (spectral=False: Popoviciu alone, which
+    needs no Gram matrix)."""
+    eps_dt = float(np.finfo(R.model.dtype).eps)
+    key = ("pmax", t, int(w))
+    if key not in memo:                                                      # p_max of every part at every Lres_i
+        bases = np.array([Lt.lres[t] for Lt in trace.layers])
+        memo[key] = [np.exp(np.asarray(lp, np.float64).max(-1)) * (1 + 64 * eps_dt * (1 + np.abs(lp.max(-1))))
+                     for lp, _ in R._base_groups(bases, w)]
+    sc2 = float(R.scale[0]) ** 2 if R.has_norm else 1.0
+    out = np.zeros(len(m))
+    for part, (B2, _), pm in zip(parts(R, w), readout_constants(R, w), memo[key]):
+        pmax = min(float(pm[i]), 1.0)
+        r = 2 * np.sqrt(B2) * y_norm                                        # >= range of the part's scores
+        rr = np.minimum(np.maximum(r, 1e-4), 700.0)
+        # (e^r - 1 - r) / r^2 = sum_k r^k / (k + 2)! <= e^r / 2 (used below 1e-4, where the
+        # quotient would cancel); increasing in r, so r capped at 700 only where c is capped anyway
+        c = np.where(r < 1e-4, 0.5 * np.exp(np.minimum(r, 1e-4)), (np.expm1(rr) - rr) / rr ** 2) * pmax
+        c = np.minimum(c, 0.25)
+        pop = B2 * y_norm ** 2 / 2
+        out += np.minimum(pop, c * gram_lambda(R, part) * (m * wn) ** 2 / sc2) if spectral else pop
+    return out * (1 + 1e-9)
+
+
+def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = True):
     """Certified (lower, upper) on the exact C of every FFN subvalue of layer i at position t
     (the subvalue as the trace computes it, m_k * fc2_k in the model's dtype), without any
     vocabulary-sized work per neuron: upper = g . v (Jensen), lower = g . v - B^2 ||y||^2 / 2,
-    each widened by the rounding of its own evaluation. Also returns y_norm [F], the bound on
-    the part input norms (for score_error). Memoised per trace."""
+    (R bounded by _slack), each widened by the rounding of its own evaluation. Also returns
+    y_norm [F], the bound on the part input norms (for score_error). Memoised per trace."""
     memo, t = R.trace_memo(trace), t % trace.T
-    key = ("ffn_brackets", i, t, int(w))
+    key = ("ffn_brackets", i, t, int(w), spectral)
     if key in memo:
         return memo[key]
     model = trace.model
@@ -307,7 +397,7 @@ def ffn_brackets(trace, i: int, w: int, t: int, R: Readout):
     upper = m * gv
     wn = _row_norms(model, i)
     y_norm = np.abs(m) * wn * _norm_factor(R) * (1 + 4 * np.finfo(model.dtype).eps)
-    slack = sum(B2 for B2, _ in readout_constants(R, w)) * y_norm ** 2 / 2 * (1 + 1e-9)
+    slack = _slack(R, w, i, t, trace, m, wn, y_norm, memo, spectral)
     eps_dt, eps64 = float(np.finfo(model.dtype).eps), float(np.finfo(np.float64).eps)
     gn = float(np.linalg.norm(g))
     d = model.cfg.d_model

@@ -139,99 +139,32 @@ def _draw_layers(plt, d, tgt):
 
 def _draw_counts(plt, d, tgt):
     fig, ax = plt.subplots(figsize=(max(7, 3 + 0.25 * len(d["layer"])), 4))
-    _bars(ax, d["layer"], {k: d[k] for k in ("activated", "helpful", "unhelpful")}, "FFN subvalues",
-          "activated / helpful / unhelpful FFN subvalues")
+    keys = [k for k in ("activated", "helpful", "unhelpful", "negligible") if k in d]
+    tau = d.get("threshold")
+    _bars(ax, d["layer"], {k: d[k] for k in keys}, "FFN subvalues",
+          "activated / helpful / unhelpful / negligible FFN subvalues"
+          + (f"\n(helpful C > {tau:g}, unhelpful C < -{tau:g}, negligible |C| <= {tau:g} nats)" if tau is not None else ""))
     return fig
 
 
 def _draw_share(plt, d, tgt):
     fig, ax = plt.subplots(figsize=(7, 4))
-    lo, hi = (np.array([s[j] if isinstance(s, list) else s for s in d["top10_share"]]) for j in (0, 1))
-    mid = (lo + hi) / 2
-    ax.bar(d["layer"], mid, 0.6, color="tab:blue")
-    if not d["exact"]:
-        ax.errorbar(d["layer"], mid, yerr=[mid - lo, hi - mid], fmt="none", ecolor="black", capsize=3,
-                    label="bracket [lo, hi] from the bounds\n(exact with --exhaustive)")
-        ax.legend(fontsize=8, loc="lower right")
+    layers = np.asarray(d["layer"], dtype=float)
+    series = [("top10_share", "helpful", "tab:blue", -0.2)]
+    if "top10_share_unhelpful" in d:
+        series.append(("top10_share_unhelpful", "unhelpful", "tab:red", 0.2))
+    for key, name, color, dx in series:
+        lo, hi = (np.array([s[j] if isinstance(s, list) else s for s in d[key]]) for j in (0, 1))
+        if d["exact"]:
+            ax.bar(layers + dx, lo, 0.4, color=color, label=f"{name} (exact)")
+        else:                   # a bound: drawn as the interval it is, never as a bar of a value
+            ax.bar(layers + dx, hi - lo, 0.4, bottom=lo, color=color, alpha=0.35, edgecolor=color,
+                   label=f"{name}: certified bound [lo, hi] (--share bound; not exact)")
+    ax.legend(fontsize=8, loc="lower right")
     _layer_axis(ax, len(d["layer"]))
-    ax.set(ylim=(0, 1.05), ylabel="share of helpful log-prob increase",
-           title="share of the top-10 helpful FFN subvalues")
+    ax.set(ylim=(0, 1.05), ylabel="share of summed log-prob increase",
+           title="share of the top-10 FFN subvalues" + ("" if d["exact"] else " (BOUNDS, not exact values)"))
     return fig
-
-
-def _draw_additivity(plt, d, tgt):
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    f = d["f_curves"]
-    for col, m, name in zip(axes.T, ("log_prob_increase", "prob_increase"), ("log-prob", "prob")):
-        ax = col[0]
-        ax.plot(d["k"], d[f"sum_of_{m}s"], ".-", label=f"sum of {name} increases of v1..vk")
-        ax.plot(d["k"], d[f"{m}_of_sum"], ".-", label=f"{name} increase of v1+...+vk")
-        ax.set(xlabel="k (helpful subvalues, best first)", ylabel=f"{name} increase",
-               title=f"additivity of FFN layer {d['layer']} subvalues")
-        ax.legend(fontsize=8)
-        ax = col[1]
-        ax.plot(f["l"], f[m], color="tab:green")
-        ax.axhline(0, color="black", lw=0.6)
-        ax.axvline(0, color="black", lw=0.6)
-        ax.set(xlabel=f"l (added to the bs-value of {tgt})", ylabel=f"{name} increase",
-               title=f"F(l): {name} increase on base Lres_{d['layer']}")
-    return fig
-
-
-def _draw_subkey(plt, d, tgt):
-    n = len(d["subkeys"])
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
-    for ax, s in zip(axes[0], d["subkeys"]):
-        ax.scatter(s["xK"], s["h"], s=5, alpha=0.35, color="tab:gray",
-                   label="h = x.K/sigma - mu*lambda/sigma + B (pre-activation)")
-        ax.scatter(s["xK"], s["paper_y"], s=6, alpha=0.7, color="tab:blue",
-                   label="x.K/sigma - mu*lambda/sigma (as in the paper's Fig. 4)")
-        ax.set(xlabel="x.K (inner product with the subkey)", ylabel="value",
-               title=f"FFN layer {d['layer']}, {s['which']!r} subkeys of {len(s['h'])} neurons\n"
-                     f"mu={s['mu']:.3g}, sigma={s['sigma']:.3g}")
-        ax.legend(fontsize=7, loc="upper left")
-    return fig
-
-
-def _draw_activation(plt, d, tgt):
-    ps = d["panels"]
-    rows = max(4.2, 0.17 * max(len(p["labels"]) for p in ps))
-    fig, axes = plt.subplots(len(ps), 2, figsize=(12, rows * len(ps)), squeeze=False)
-    for row, p in zip(axes, ps):
-        _hbars(row[0], p["labels"], p["values"], f"L{d['layer']} n{d['neuron']} ({p['which']} subkey): "
-               f"h = {p['pre_activation']:+.3f} = sum of", "contribution to pre-activation")
-        if "source" in p:
-            _hbars(row[1], p["source_labels"], p["source_values"],
-                   f"{p['source']} ({p['source_total']:+.3f}) by subvalue", "contribution to pre-activation")
-        else:
-            row[1].set_axis_off()
-    return fig
-
-
-def _draw_trajectory(plt, d, tgt):
-    fig, ax = plt.subplots(figsize=(max(7, 0.18 * len(d["states"])), 4.5))
-    for j, tok in enumerate(d["tokens"]):
-        ax.plot(np.asarray(d["bs"])[:, j], ".-", label=_tok(tok) + (" (target)" if j == 0 else ""))
-    step = max(1, -(-len(d["states"]) // 40))
-    ax.set_xticks(range(0, len(d["states"]), step), d["states"][::step], rotation=90, fontsize=8)
-    ax.set(xlabel="residual state", ylabel="bs-value", title="bs-values along the residual stream")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _draw_difference(plt, d, tgt):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    L = d["layers"]
-    _bars(ax, [x["layer"] for x in L], {"attention": [x["attn"] for x in L], "FFN": [x["ffn"] for x in L]},
-          "change of the difference", f"change of bs({_tok(d['tokens'][0])}) - bs({_tok(d['tokens'][1])}) "
-          f"per layer\n(Lin_0: {d['start']:+.3f}, final: {d['end']:+.3f})")
-    return fig
-
-
-DRAW = {"layer_significance": _draw_layers, "ffn_counts": _draw_counts, "top10_share": _draw_share,
-        "additivity": _draw_additivity, "subkey_linearity": _draw_subkey, "activation_trace": _draw_activation,
-        "bs_trajectory": _draw_trajectory, "bs_difference": _draw_difference}
-
 
 # --- entry point -----------------------------------------------------------------------------
 
@@ -244,9 +177,11 @@ def figure_data(model, src, r) -> dict:
     R = trace.readout(t, r["readout"])
     data = {"layer_significance": _layer_data(r)}
     counts = r["ffn_counts"] if "ffn_counts" in r else ffn_counts(trace, w, t, R, exhaustive=r.get("exhaustive", False))
-    data["ffn_counts"] = {k: [c[k] for c in counts] for k in ("layer", "activated", "helpful", "unhelpful")}
+    data["ffn_counts"] = {k: [c[k] for c in counts] for k in ("layer", "activated", "helpful", "unhelpful", "negligible")}
+    data["ffn_counts"]["threshold"] = counts[0]["threshold"] if counts else None
     data["top10_share"] = {"layer": [c["layer"] for c in counts], "top10_share": [c["top10_share"] for c in counts],
-                           "exact": all(not isinstance(c["top10_share"], list) for c in counts)}
+                           "top10_share_unhelpful": [c["top10_share_unhelpful"] for c in counts],
+                           "exact": all(c.get("share", "exact") == "exact" for c in counts)}
     if trace.layers:
         best = max(range(len(trace.layers)), key=lambda i: (r["layers"][i]["ffn"]["log_prob_increase"], -i))
         data["additivity"] = _additivity_data(trace, best, t, w, R)

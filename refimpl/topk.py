@@ -245,7 +245,9 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
     rel = _pin_rel(trace.model.dtype)
     per = []
     for i in range(L):
-        lo, up, _ = bounds.ffn_brackets(trace, i, w, t, R)
+        # share="exact" scores (nearly) every helpful / unhelpful subvalue anyway: the cheaper
+        # Popoviciu bracket suffices; "bound" brackets tightly (the Gram matrix, once per model)
+        lo, up, _ = bounds.ffn_brackets(trace, i, w, t, R, spectral=share == "bound")
         hel, unh = lo > tau, up < -tau
         und = ~(hel | unh | ((lo >= -tau) & (up <= tau)))
         need = und.copy()
