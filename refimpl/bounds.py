@@ -345,35 +345,50 @@ def score_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
-def _slack(R: Readout, w: int, i: int, t: int, trace, m: np.ndarray, wn: np.ndarray, y_norm: np.ndarray,
-           memo: dict, spectral: bool = True) -> np.ndarray:
-    """Per neuron, an upper bound on R = g.v - C >= 0 (the second-order term), summed over the
-    softmax parts, the smaller of
-      Popoviciu:  R <= B^2 ||y||^2 / 2                       (scores' range <= 2 B ||y||)
-      spectral:   R <= c(p, r) ||A y - mean||^2 <= c lambda m^2 ||fc2||^2 / scale^2
-    where c = min(1/2, p_max e^r ...) integrates the largest softmax probability along the path
-    (q_s <= p e^{s r}: c = p_max (e^r - 1 - r) / r^2, and lambda_max of a softmax covariance is
-    at most 1/2, so c <= 1/4) and lambda is gram_lambda (spectral=False: Popoviciu alone, which
-    needs no Gram matrix)."""
+def _pmax(R: Readout, bases: np.ndarray, w: int) -> list[np.ndarray]:
+    """Per softmax part, an upper bound on the largest probability at each base [n]."""
     eps_dt = float(np.finfo(R.model.dtype).eps)
-    key = ("pmax", t, int(w))
-    if key not in memo:                                                      # p_max of every part at every Lres_i
-        bases = np.array([Lt.lres[t] for Lt in trace.layers])
-        memo[key] = [np.exp(np.asarray(lp, np.float64).max(-1)) * (1 + 64 * eps_dt * (1 + np.abs(lp.max(-1))))
-                     for lp, _ in R._base_groups(bases, w)]
+    return [np.exp(np.asarray(lp, np.float64).max(-1)) * (1 + 64 * eps_dt * (1 + np.abs(lp.max(-1))))
+            for lp, _ in R._base_groups(np.atleast_2d(bases), w)]
+
+
+def slack(R: Readout, w: int, pmax: list, v_norm: np.ndarray, spectral: bool = True) -> np.ndarray:
+    """An upper bound on R = g.v - C(v) >= 0 (the second-order term) for vectors of norm <= v_norm
+    [n] added to a base whose parts' largest probabilities are <= pmax (floats), summed over the
+    softmax parts, each the smaller of
+      Popoviciu:  R <= B^2 ||y||^2 / 2                       (scores' range r <= 2 B ||y||)
+      spectral:   R <= c ||A y - mean||^2 <= c lambda ||v||^2 / scale^2
+    where ||y|| <= ||v|| max|gamma| / scale is the part input, c = min(1/4, p_max (e^r - 1 - r) / r^2)
+    integrates the largest softmax probability along the path (q_s <= p e^{s r}; and lambda_max of
+    a softmax covariance is at most 1/2), and lambda is gram_lambda. spectral=False: Popoviciu
+    alone (no Gram matrix needed)."""
+    v_norm = np.asarray(v_norm, np.float64)
+    y_norm = v_norm * _norm_factor(R)
     sc2 = float(R.scale[0]) ** 2 if R.has_norm else 1.0
-    out = np.zeros(len(m))
-    for part, (B2, _), pm in zip(parts(R, w), readout_constants(R, w), memo[key]):
-        pmax = min(float(pm[i]), 1.0)
+    out = np.zeros(len(v_norm))
+    for part, (B2, _), pm in zip(parts(R, w), readout_constants(R, w), pmax):
+        pop = B2 * y_norm ** 2 / 2
+        if not spectral:
+            out += pop
+            continue
         r = 2 * np.sqrt(B2) * y_norm                                        # >= range of the part's scores
         rr = np.minimum(np.maximum(r, 1e-4), 700.0)
         # (e^r - 1 - r) / r^2 = sum_k r^k / (k + 2)! <= e^r / 2 (used below 1e-4, where the
         # quotient would cancel); increasing in r, so r capped at 700 only where c is capped anyway
-        c = np.where(r < 1e-4, 0.5 * np.exp(np.minimum(r, 1e-4)), (np.expm1(rr) - rr) / rr ** 2) * pmax
+        c = np.where(r < 1e-4, 0.5 * np.exp(np.minimum(r, 1e-4)), (np.expm1(rr) - rr) / rr ** 2) * min(float(pm), 1.0)
         c = np.minimum(c, 0.25)
-        pop = B2 * y_norm ** 2 / 2
-        out += np.minimum(pop, c * gram_lambda(R, part) * (m * wn) ** 2 / sc2) if spectral else pop
+        out += np.minimum(pop, c * gram_lambda(R, part) * v_norm ** 2 / sc2)
     return out * (1 + 1e-9)
+
+
+def vector_brackets(R: Readout, base: np.ndarray, w: int, V: np.ndarray, spectral: bool = True):
+    """(lower, upper) on C(v) for any vectors V [n, d] added to `base` [d] (exact arithmetic on the
+    given vectors; the evaluation's own rounding is not included): upper = g.v, lower = g.v - slack."""
+    V = np.atleast_2d(np.asarray(V, np.float64))
+    g = _g64(R, np.asarray(base)[None], w)[0]
+    upper = V @ g
+    vn = np.linalg.norm(V, axis=1) * (1 + 1e-12)
+    return upper - slack(R, w, [p[0] for p in _pmax(R, base, w)], vn, spectral), upper
 
 
 def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = True):
@@ -397,14 +412,17 @@ def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = Tru
     upper = m * gv
     wn = _row_norms(model, i)
     y_norm = np.abs(m) * wn * _norm_factor(R) * (1 + 4 * np.finfo(model.dtype).eps)
-    slack = _slack(R, w, i, t, trace, m, wn, y_norm, memo, spectral)
+    pkey = ("pmax", t, int(w))
+    if pkey not in memo:                                                     # every part at every Lres_i
+        memo[pkey] = _pmax(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)
+    sl = slack(R, w, [p[i] for p in memo[pkey]], np.abs(m) * wn * (1 + 4 * np.finfo(model.dtype).eps), spectral)
     eps_dt, eps64 = float(np.finfo(model.dtype).eps), float(np.finfo(np.float64).eps)
     gn = float(np.linalg.norm(g))
     d = model.cfg.d_model
     # v = fl(m * fc2) (one rounding per entry), g . v in float64, base p in the model's dtype
     margin = (2 * eps_dt + (d + 8) * eps64) * np.abs(m) * wn * gn \
         + score_error(R, w, y_norm, model.dtype) * 0.5
-    lower, upper = upper - slack - margin, upper + margin
+    lower, upper = upper - sl - margin, upper + margin
     zero = m == 0                                                            # v = 0: C = 0 exactly
     lower[zero], upper[zero] = 0.0, 0.0
     memo[key] = out = (lower, upper, y_norm)

@@ -125,8 +125,9 @@ def top_share(x: np.ndarray, k: int = 10) -> float:
 
 def counts_row(i: int, act: np.ndarray, c_class: np.ndarray, c_value: np.ndarray, tau: float) -> dict:
     """One row of Fig. 6-7 from every neuron's C: helpful C > tau, unhelpful C < -tau, negligible
-    |C| <= tau (c_class: the values that decide the class, see topk.class_values); the top-10
-    shares of the helpful (of the unhelpful) subvalues' summed increase (c_value: the scores)."""
+    |C| <= tau (c_class: the values that decide the class, bounds.class_values); the top-10
+    shares of the helpful (of the unhelpful) subvalues' summed increase, from c_value (the
+    same values, or values within their rounding)."""
     hel, unh = c_class > tau, c_class < -tau
     return {"layer": int(i), "activated": int(act.sum()), "helpful": int(hel.sum()), "unhelpful": int(unh.sum()),
             "negligible": int(len(c_class) - hel.sum() - unh.sum()), "threshold": float(tau),
@@ -142,7 +143,7 @@ def ffn_layer_summary(trace, i: int, w: int, t: int = -1, readout="frozen", scor
     R = as_readout(trace, t, readout)
     c = ffn_subvalue_significance(trace, i, w, t, readout=R)[0] if scores is None else scores
     cls = class_values(trace, i, w, t, R, np.arange(len(c)), c, negligible)
-    return counts_row(i, activated(trace, i, t), cls, c, negligible)
+    return counts_row(i, activated(trace, i, t), cls, cls, negligible)
 
 
 def additivity(trace, i: int, w: int, t: int = -1, kind: str = "ffn", k_max: int | None = None,

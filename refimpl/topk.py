@@ -240,7 +240,7 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
         for i in range(L):
             c = ffn_subvalue_significance(trace, i, w, t, readout=R)[0]
             cls = bounds.class_values(trace, i, w, t, R, np.arange(F), c, tau)
-            out.append({**counts_row(i, activated(trace, i, t), cls, c, tau), "scored": F})
+            out.append({**counts_row(i, activated(trace, i, t), cls, cls, tau), "scored": F})
         return out
     rel = _pin_rel(trace.model.dtype)
     per = []
@@ -265,15 +265,15 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
         cls = np.where(hel, np.inf, np.where(unh, -np.inf, 0.0))              # decided by the brackets
         cls[need] = cls_scored
         val = (lo + up) / 2                                                   # unscored: bracket midpoint
-        val[need] = c
+        val[need] = cls_scored                                                # = c, or re-scored near +-tau
         row = counts_row(i, activated(trace, i, t), cls, val, tau)
         if share == "bound":
             lo_s, up_s = np.maximum(lo, tau), up.copy()
-            lo_s[need], up_s[need] = c, c
+            lo_s[need], up_s[need] = cls_scored, cls_scored
             h, u_ = cls > tau, cls < -tau
             row["top10_share"] = _share_bracket(lo_s[h], up_s[h])
             lo_u, up_u = np.maximum(-up, tau), -lo
-            lo_u[need], up_u[need] = -c, -c
+            lo_u[need], up_u[need] = -cls_scored, -cls_scored
             row["top10_share_unhelpful"] = _share_bracket(lo_u[u_], up_u[u_])
             row["share"] = "bound"
         out.append({**row, "scored": int(len(need))})
