@@ -166,6 +166,80 @@ def _draw_share(plt, d, tgt):
            title="share of the top-10 FFN subvalues" + ("" if d["exact"] else " (BOUNDS, not exact values)"))
     return fig
 
+def _draw_additivity(plt, d, tgt):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    f = d["f_curves"]
+    for col, m, name in zip(axes.T, ("log_prob_increase", "prob_increase"), ("log-prob", "prob")):
+        ax = col[0]
+        ax.plot(d["k"], d[f"sum_of_{m}s"], ".-", label=f"sum of {name} increases of v1..vk")
+        ax.plot(d["k"], d[f"{m}_of_sum"], ".-", label=f"{name} increase of v1+...+vk")
+        ax.set(xlabel="k (helpful subvalues, best first)", ylabel=f"{name} increase",
+               title=f"additivity of FFN layer {d['layer']} subvalues")
+        ax.legend(fontsize=8)
+        ax = col[1]
+        ax.plot(f["l"], f[m], color="tab:green")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set(xlabel=f"l (added to the bs-value of {tgt})", ylabel=f"{name} increase",
+               title=f"F(l): {name} increase on base Lres_{d['layer']}")
+    return fig
+
+
+def _draw_subkey(plt, d, tgt):
+    n = len(d["subkeys"])
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
+    for ax, s in zip(axes[0], d["subkeys"]):
+        ax.scatter(s["xK"], s["h"], s=5, alpha=0.35, color="tab:gray",
+                   label="h = x.K/sigma - mu*lambda/sigma + B (pre-activation)")
+        ax.scatter(s["xK"], s["paper_y"], s=6, alpha=0.7, color="tab:blue",
+                   label="x.K/sigma - mu*lambda/sigma (as in the paper's Fig. 4)")
+        ax.set(xlabel="x.K (inner product with the subkey)", ylabel="value",
+               title=f"FFN layer {d['layer']}, {s['which']!r} subkeys of {len(s['h'])} neurons\n"
+                     f"mu={s['mu']:.3g}, sigma={s['sigma']:.3g}")
+        ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def _draw_activation(plt, d, tgt):
+    ps = d["panels"]
+    rows = max(4.2, 0.17 * max(len(p["labels"]) for p in ps))
+    fig, axes = plt.subplots(len(ps), 2, figsize=(12, rows * len(ps)), squeeze=False)
+    for row, p in zip(axes, ps):
+        _hbars(row[0], p["labels"], p["values"], f"L{d['layer']} n{d['neuron']} ({p['which']} subkey): "
+               f"h = {p['pre_activation']:+.3f} = sum of", "contribution to pre-activation")
+        if "source" in p:
+            _hbars(row[1], p["source_labels"], p["source_values"],
+                   f"{p['source']} ({p['source_total']:+.3f}) by subvalue", "contribution to pre-activation")
+        else:
+            row[1].set_axis_off()
+    return fig
+
+
+def _draw_trajectory(plt, d, tgt):
+    fig, ax = plt.subplots(figsize=(max(7, 0.18 * len(d["states"])), 4.5))
+    for j, tok in enumerate(d["tokens"]):
+        ax.plot(np.asarray(d["bs"])[:, j], ".-", label=_tok(tok) + (" (target)" if j == 0 else ""))
+    step = max(1, -(-len(d["states"]) // 40))
+    ax.set_xticks(range(0, len(d["states"]), step), d["states"][::step], rotation=90, fontsize=8)
+    ax.set(xlabel="residual state", ylabel="bs-value", title="bs-values along the residual stream")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _draw_difference(plt, d, tgt):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    L = d["layers"]
+    _bars(ax, [x["layer"] for x in L], {"attention": [x["attn"] for x in L], "FFN": [x["ffn"] for x in L]},
+          "change of the difference", f"change of bs({_tok(d['tokens'][0])}) - bs({_tok(d['tokens'][1])}) "
+          f"per layer\n(Lin_0: {d['start']:+.3f}, final: {d['end']:+.3f})")
+    return fig
+
+
+DRAW = {"layer_significance": _draw_layers, "ffn_counts": _draw_counts, "top10_share": _draw_share,
+        "additivity": _draw_additivity, "subkey_linearity": _draw_subkey, "activation_trace": _draw_activation,
+        "bs_trajectory": _draw_trajectory, "bs_difference": _draw_difference}
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 def figure_data(model, src, r) -> dict:
