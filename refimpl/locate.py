@@ -296,9 +296,10 @@ def format_report(r: dict, model=None) -> str:
         bound = any(c.get("share") == "bound" for c in cs)
         tau = cs[0].get("threshold", 0.0)
         lines.append("")
-        lines.append(f"FFN subvalues per layer (Fig. 6-7): helpful C > {tau:g}, unhelpful C < -{tau:g}, negligible "
-                     f"|C| <= {tau:g} nats; top-10 share of the helpful (unhelpful) subvalues' summed increase"
-                     + (" (certified bounds [lo, hi], not exact: --share bound)" if bound else " (exact)") + ":")
+        lines.append(f"FFN subvalues per layer (Fig. 6): helpful C > {tau:g}, unhelpful C < -{tau:g}, negligible "
+                     f"|C| <= {tau:g} nats;")
+        lines.append("top-10 share of the helpful (unhelpful) subvalues' summed increase (Fig. 7), "
+                     + ("certified bounds [lo, hi], not exact (--share bound):" if bound else "exact:"))
         lines.append(f"  {'layer':>9}  {'activated':>9} {'helpful':>7} {'unhelpful':>9} {'negligible':>10}  "
                      f"{'top-10 share':>14} {'(unhelpful)':>14}")
 

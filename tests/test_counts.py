@@ -233,7 +233,5 @@ def test_report_and_json_label_exact_and_bound(tmp_path):
             assert c["share"] == share
             assert isinstance(c["top10_share"], list) == (share == "bound")
             assert isinstance(c["top10_share_unhelpful"], list) == (share == "bound")
-        if share == "bound":
-            assert "certified bounds [lo, hi], not exact" in text and "(exact)" not in text
-        else:
-            assert "(exact)" in text and "bounds" not in text.split("Fig. 6-7")[1].split("\n")[0]
+        head = text.split("(Fig. 7), ")[1].split("\n")[0]
+        assert head == ("certified bounds [lo, hi], not exact (--share bound):" if share == "bound" else "exact:")
