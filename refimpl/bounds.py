@@ -391,6 +391,15 @@ def vector_brackets(R: Readout, base: np.ndarray, w: int, V: np.ndarray, spectra
     return upper - slack(R, w, [p[0] for p in _pmax(R, base, w)], vn, spectral), upper
 
 
+def base_p_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
+    """Bound on |(p_computed - p) . u| for the base softmax p computed in `dtype` and scores u of
+    vectors with part-input norms <= y_norm: sum_j |dp_j| |u_j| <= eps (4 log V + 64) max|u|
+    (the relative error of p_j is ~eps (|log p_j| + log V); sum_j p_j |log p_j| <= log V)."""
+    eps = float(np.finfo(dtype).eps)
+    logv = np.log(R.model.cfg.d_vocab + 1)
+    return sum(eps * (4 * logv + 64) * Wm * y_norm for _, Wm in readout_constants(R, w))
+
+
 def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = True):
     """Certified (lower, upper) on the exact C of every FFN subvalue of layer i at position t
     (the subvalue as the trace computes it, m_k * fc2_k in the model's dtype), without any
@@ -420,8 +429,11 @@ def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = Tru
     gn = float(np.linalg.norm(g))
     d = model.cfg.d_model
     # v = fl(m * fc2) (one rounding per entry), g . v in float64, base p in the model's dtype
+    # and the class is that of the exact C (bounds.class_values re-scores near +-tau in float64):
+    # the brackets allow for the float64 scoring's rounding and for the base p computed in the
+    # working dtype (g is built from it; the float64 re-scoring recomputes p)
     margin = (2 * eps_dt + (d + 8) * eps64) * np.abs(m) * wn * gn \
-        + score_error(R, w, y_norm, model.dtype) * 0.5
+        + score_error(R, w, y_norm, np.float64) + base_p_error(R, w, y_norm, model.dtype)
     lower, upper = upper - sl - margin, upper + margin
     zero = m == 0                                                            # v = 0: C = 0 exactly
     lower[zero], upper[zero] = 0.0, 0.0
