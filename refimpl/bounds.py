@@ -13,7 +13,13 @@ with g = sum_j N^T S_j^T (e_{w_j} - p_j), one d-vector per base (N: the frozen n
 S_j: the part's linear map). For an FFN subvalue v = m_k fc2_k the score range is
 |m_k| * range(s_j(N1(fc2_k))) / scale, where N1 is the norm map at unit scale: the
 per-neuron ranges depend on the prompt only through the frozen scale, so they are
-computed once per model and cached.
+computed once per model and cached (`refimpl prepare`; no longer used by `locate`).
+
+The counts of Fig. 6-7 use brackets that need no per-neuron precomputation
+(ffn_brackets, below): g . v - R <= C <= g . v with R bounded by Popoviciu's inequality
+(one constant per model) or, tighter, by the largest softmax probability times the
+readout's Gram matrix's largest eigenvalue (once per model), every bracket widened by the
+rounding of its evaluation (docs/topk.md).
 """
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 
 Branch and bound on the upper bound of bounds.py: visit neurons in decreasing upper
 bound, score them exactly, and stop as soon as the next upper bound is below the K-th
-best exact score found so far: no unvisited neuron can enter the top-K. Helpful /
-unhelpful counts are decided by the bounds (lower > 0: helpful; upper < 0: unhelpful;
-m = 0: exactly zero) and only the undecided neurons are scored. `exhaustive=True`
-scores every neuron by brute force (chunked) and is the reference the fast path is
-tested against.
+best exact score found so far: no unvisited neuron can enter the top-K. The per-layer
+counts (helpful C > tau, unhelpful C < -tau, negligible) are decided by certified brackets
+(bounds.ffn_brackets: lower > tau helpful, upper < -tau unhelpful, inside [-tau, tau]
+negligible; m = 0: exactly zero) and only the undecided subvalues are scored, plus what the
+exact top-10 shares need. `exhaustive=True` scores every subvalue by brute force (chunked)
+and is the reference the fast path is tested against.
 """
 from __future__ import annotations
 
