@@ -258,7 +258,9 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
         per.append((lo, up, hel, unh, np.flatnonzero(need)))
     sl = np.concatenate([np.full(len(n), i) for i, (*_, n) in enumerate(per)]).astype(np.int64)
     sn = np.concatenate([n for *_, n in per]).astype(np.int64)
-    c_all = _score_across_layers(trace, sl, sn, w, t, R)[0] if len(sn) else np.zeros(0)
+    c_all = np.zeros(len(sn))
+    for s in range(0, len(sn), 2048):           # stacked across layers, 2048 subvalues at a time (memory)
+        c_all[s:s + 2048] = _score_across_layers(trace, sl[s:s + 2048], sn[s:s + 2048], w, t, R)[0]
     out = []
     for i, (lo, up, hel, unh, need) in enumerate(per):
         c = np.asarray(c_all[sl == i], np.float64)
