@@ -13,7 +13,13 @@ with g = sum_j N^T S_j^T (e_{w_j} - p_j), one d-vector per base (N: the frozen n
 S_j: the part's linear map). For an FFN subvalue v = m_k fc2_k the score range is
 |m_k| * range(s_j(N1(fc2_k))) / scale, where N1 is the norm map at unit scale: the
 per-neuron ranges depend on the prompt only through the frozen scale, so they are
-computed once per model and cached.
+computed once per model and cached (`refimpl prepare`; no longer used by `locate`).
+
+The counts of Fig. 6-7 use brackets that need no per-neuron precomputation
+(ffn_brackets, below): g . v - R <= C <= g . v with R bounded by Popoviciu's inequality
+(one constant per model) or, tighter, by the largest softmax probability times the
+readout's Gram matrix's largest eigenvalue (once per model), every bracket widened by the
+rounding of its evaluation (docs/topk.md).
 """
 from __future__ import annotations
 
@@ -183,3 +189,301 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
         return upper, None
     slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0
     return upper, upper - slack
+
+
+# --- certified brackets without any per-neuron precomputation (counts, Fig. 6-7) -----------
+#
+# For a linear readout and v added to a base L (u = s(v), p = softmax at L, per part):
+#
+#     C(v) = g . v - R,   R = log E_p e^u - p.u = int_0^1 (1 - s) Var_{q_s}(u) ds >= 0
+#
+# with q_s = softmax(log p + s u). Popoviciu: a variance of values in an interval of width r
+# is at most r^2 / 4, and the scores' range is r <= 2 max_j |b_j . y| <= 2 B ||y|| with b_j the
+# part's score map columns centred on their mean (softmax ignores a common shift) and y the
+# part's input (the frozen-normalised v). So 0 <= R <= B^2 ||y||^2 / 2: one constant B per
+# model and part, one ||y|| per neuron (||y|| <= |m_k| ||fc2_k|| max|gamma| / scale).
+
+def _part_matrix_columns(R: Readout, part: Part):
+    """Yield blocks [d, n] of the part's score map (columns: one per softmax entry)."""
+    m, d = R.model, R.model.cfg.d_model
+    if part.name == "vocab":
+        W = m.weight("unembed.W_U")                                          # [d, V]
+        for s in range(0, W.shape[1], 8192):
+            yield np.asarray(W[:, s:s + 8192], np.float64)
+        return
+    eye = np.eye(d, dtype=m.dtype)                                           # scores of unit vectors
+    yield np.concatenate([np.asarray(part.scores(eye[s:s + 256]), np.float64) for s in range(0, d, 256)], 0)
+
+
+def readout_constants(R: Readout, w: int) -> list[tuple[float, float]]:
+    """Per part of target w: (B^2, W) with B = max centred column norm of the part's score map
+    (the slack) and W = max uncentred column norm (rounding margins), in float64, inflated
+    for their own rounding. Memoised on the model."""
+    memo = R.model.__dict__.setdefault("_readout_constants", {})
+    out = []
+    for part in parts(R, w):
+        key = (part.name,)
+        if key not in memo:
+            blocks = list(_part_matrix_columns(R, part))
+            total = sum(b.sum(1) for b in blocks)
+            n = sum(b.shape[1] for b in blocks)
+            mu = total / n                                                   # [d] mean column
+            B2 = max(float(((b - mu[:, None]) ** 2).sum(0).max()) for b in blocks)
+            W2 = max(float((b ** 2).sum(0).max()) for b in blocks)
+            memo[key] = (B2 * (1 + 1e-12) + 1e-300, np.sqrt(W2) * (1 + 1e-12))
+        out.append(memo[key])
+    return out
+
+
+def _centred_gram(R: Readout, part: Part) -> tuple[np.ndarray, float]:
+    """(G, err): G = sum_j (a_j - mu)(a_j - mu)^T [d, d] (float64) over the part's score-map
+    columns a_j (mu their mean), and a bound err on ||G - exact||_2. The plain unembedding is
+    multiplied in float32 blocks of 1024 columns (exact float32 inputs: its stored values) and
+    accumulated in float64: each block's product errs by at most gamma_1024 |W_b| |W_b|^T,
+    whose norm is at most gamma_1024 ||W_b||_F^2. Memoised on the model."""
+    memo = R.model.__dict__.setdefault("_centred_gram", {})
+    if part.name in memo:
+        return memo[part.name]
+    m = R.model
+    if part.name == "vocab" and m.tensors[m._resolve("unembed.W_U")[0]].dtype in ("F32", "F16", "BF16"):
+        W = m.stored("unembed.W_U")                                          # [d, V] stored values
+        d, V = W.shape
+        G, s1, fro = np.zeros((d, d)), np.zeros(d), 0.0
+        n_c = 1024
+        for s in range(0, V, n_c):
+            b = np.asarray(W[:, s:s + n_c], np.float32)                     # exact
+            G += b @ b.T                                                     # [d, d] float32 product
+            s1 += b.sum(1, dtype=np.float64)
+            fro += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
+        mu = s1 / V
+        G -= V * np.outer(mu, mu)
+        eps32 = float(np.finfo(np.float32).eps)
+        err = (n_c + 2) * eps32 * fro * 1.01 + 1e-12 * fro
+    else:
+        blocks = list(_part_matrix_columns(R, part))
+        n = sum(b.shape[1] for b in blocks)
+        mu = sum(b.sum(1) for b in blocks) / n
+        G = sum((b - mu[:, None]) @ (b - mu[:, None]).T for b in blocks)
+        fro = float(sum((b ** 2).sum() for b in blocks))
+        err = (n + 8) * float(np.finfo(np.float64).eps) * fro * 4 + 1e-300
+    memo[part.name] = out = (G, err)
+    return out
+
+
+def gram_lambda(R: Readout, part: Part) -> float:
+    """A certified upper bound on lambda_max(N1^T G N1) with N1 the frozen norm map at unit scale
+    (gamma and centring; identity without a norm): ||A y - mean||^2 <= lambda ||v||^2 / scale^2
+    for y the part input of v. Memoised on the model per readout kind."""
+    key = (part.name, "norm" if R.has_norm else "raw")
+    memo = R.model.__dict__.setdefault("_gram_lambda", {})
+    if key in memo:
+        return memo[key]
+    import scipy.linalg
+    G, err = _centred_gram(R, part)
+    if R.has_norm:
+        gam = np.asarray(R.gamma, np.float64)
+        G = gam[:, None] * G * gam[None, :]
+        err = err * float(np.abs(gam).max()) ** 2 * (1 + 1e-12)
+        if R.centre:                                                        # P G P, P = I - 11^T/d
+            G = G - G.mean(0, keepdims=True)
+            G = G - G.mean(1, keepdims=True)
+    G = (G + G.T) / 2
+    lam = float(scipy.linalg.eigh(G, eigvals_only=True, subset_by_index=[len(G) - 1, len(G) - 1])[0])
+    fro = float(np.sqrt((G ** 2).sum()))
+    memo[key] = out = max(lam, 0.0) + err + 1e-9 * fro + 1e-300          # eigh: backward stable
+    return out
+
+
+def _row_norms(model, i: int) -> np.ndarray:
+    """||fc2_k|| of every neuron of layer i [F] (float64, an upper bound: inflated by the
+    rounding of the sums of squares), memoised on the model."""
+    memo = model.__dict__.setdefault("_fc2_norms", {})
+    if i not in memo:
+        W = model.weight(f"blocks.{i}.mlp.W_out")                            # [F, d]
+        eps = np.finfo(W.dtype).eps
+        sq = np.einsum("ij,ij->i", W, W).astype(np.float64)
+        memo[i] = np.sqrt(sq * (1 + (W.shape[1] + 4) * eps)) * (1 + 4 * eps)
+    return memo[i]
+
+
+def _g64(R: Readout, bases: np.ndarray, w: int) -> np.ndarray:
+    """g_vector in float64 for bases [n, d] (rounding of g itself is then negligible; the
+    softmax p is the readout's own, computed in the model's dtype)."""
+    b2 = np.atleast_2d(np.asarray(bases, R.model.dtype))
+    g = np.zeros(b2.shape)
+    m = R.model
+    for part, (lp, sel) in zip(parts(R, w), R._base_groups(b2, w)):
+        e = -np.exp(np.asarray(lp, np.float64))
+        e[..., sel] += 1.0
+        if part.name == "vocab":
+            W = m.weight("unembed.W_U")                                      # [d, V]
+            for s in range(0, W.shape[1], 8192):
+                g += e[:, s:s + 8192] @ np.asarray(W[:, s:s + 8192], np.float64).T
+        else:
+            g += np.asarray(part.adjoint(e), np.float64)
+    if R.has_norm:
+        gam = np.asarray(R.gamma, np.float64)
+        g = gam * g / float(R.scale[0])
+        if R.centre:
+            g = g - g.mean(-1, keepdims=True)
+    return g
+
+
+def _norm_factor(R: Readout) -> float:
+    """||y|| <= factor * ||v|| for the part input y of a vector v (the frozen norm map)."""
+    if not R.has_norm:
+        return 1.0
+    return float(np.abs(np.asarray(R.gamma, np.float64)).max() / float(R.scale[0])) * (1 + 1e-12)
+
+
+def score_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
+    """Bound on |computed C - C| for the exact scoring (Readout.increase) in `dtype` of
+    vectors with part-input norms <= y_norm [n]: the normalisation and the score products
+    (error (d + d_proj) eps relative to W ||y|| each, C being 2-Lipschitz in the scores), the
+    readout's own base p (relative error <~ eps (log V + ...)) and the final reductions."""
+    eps = float(np.finfo(dtype).eps)
+    cfg = R.model.cfg
+    d_eff = cfg.d_model + (cfg.d_model if R.head.adaptive else 0)
+    out = np.zeros(len(y_norm))
+    for B2, Wm in readout_constants(R, w):
+        U = Wm * y_norm                                                      # >= max |u_j|
+        out += eps * ((4 * d_eff + 32) * U + (4 * np.log(cfg.d_vocab + 1) + 64) * np.exp(np.minimum(U, 50)) * U)
+    return out
+
+
+def _pmax(R: Readout, bases: np.ndarray, w: int) -> list[np.ndarray]:
+    """Per softmax part, an upper bound on the largest probability at each base [n]."""
+    eps_dt = float(np.finfo(R.model.dtype).eps)
+    return [np.exp(np.asarray(lp, np.float64).max(-1)) * (1 + 64 * eps_dt * (1 + np.abs(lp.max(-1))))
+            for lp, _ in R._base_groups(np.atleast_2d(bases), w)]
+
+
+def slack(R: Readout, w: int, pmax: list, v_norm: np.ndarray, spectral: bool = True) -> np.ndarray:
+    """An upper bound on R = g.v - C(v) >= 0 (the second-order term) for vectors of norm <= v_norm
+    [n] added to a base whose parts' largest probabilities are <= pmax (floats), summed over the
+    softmax parts, each the smaller of
+      Popoviciu:  R <= B^2 ||y||^2 / 2                       (scores' range r <= 2 B ||y||)
+      spectral:   R <= c ||A y - mean||^2 <= c lambda ||v||^2 / scale^2
+    where ||y|| <= ||v|| max|gamma| / scale is the part input, c = min(1/4, p_max (e^r - 1 - r) / r^2)
+    integrates the largest softmax probability along the path (q_s <= p e^{s r}; and lambda_max of
+    a softmax covariance is at most 1/2), and lambda is gram_lambda. spectral=False: Popoviciu
+    alone (no Gram matrix needed)."""
+    v_norm = np.asarray(v_norm, np.float64)
+    y_norm = v_norm * _norm_factor(R)
+    sc2 = float(R.scale[0]) ** 2 if R.has_norm else 1.0
+    out = np.zeros(len(v_norm))
+    for part, (B2, _), pm in zip(parts(R, w), readout_constants(R, w), pmax):
+        pop = B2 * y_norm ** 2 / 2
+        if not spectral:
+            out += pop
+            continue
+        r = 2 * np.sqrt(B2) * y_norm                                        # >= range of the part's scores
+        rr = np.minimum(np.maximum(r, 1e-4), 700.0)
+        # (e^r - 1 - r) / r^2 = sum_k r^k / (k + 2)! <= e^r / 2 (used below 1e-4, where the
+        # quotient would cancel); increasing in r, so r capped at 700 only where c is capped anyway
+        c = np.where(r < 1e-4, 0.5 * np.exp(np.minimum(r, 1e-4)), (np.expm1(rr) - rr) / rr ** 2) * min(float(pm), 1.0)
+        c = np.minimum(c, 0.25)
+        out += np.minimum(pop, c * gram_lambda(R, part) * v_norm ** 2 / sc2)
+    return out * (1 + 1e-9)
+
+
+def vector_brackets(R: Readout, base: np.ndarray, w: int, V: np.ndarray, spectral: bool = True):
+    """(lower, upper) on C(v) for any vectors V [n, d] added to `base` [d] (exact arithmetic on the
+    given vectors; the evaluation's own rounding is not included): upper = g.v, lower = g.v - slack."""
+    V = np.atleast_2d(np.asarray(V, np.float64))
+    g = _g64(R, np.asarray(base)[None], w)[0]
+    upper = V @ g
+    vn = np.linalg.norm(V, axis=1) * (1 + 1e-12)
+    return upper - slack(R, w, [p[0] for p in _pmax(R, base, w)], vn, spectral), upper
+
+
+def base_p_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
+    """Bound on |(p_computed - p) . u| for the base softmax p computed in `dtype` and scores u of
+    vectors with part-input norms <= y_norm: sum_j |dp_j| |u_j| <= eps (4 log V + 64) max|u|
+    (the relative error of p_j is ~eps (|log p_j| + log V); sum_j p_j |log p_j| <= log V)."""
+    eps = float(np.finfo(dtype).eps)
+    logv = np.log(R.model.cfg.d_vocab + 1)
+    return sum(eps * (4 * logv + 64) * Wm * y_norm for _, Wm in readout_constants(R, w))
+
+
+def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = True):
+    """Certified (lower, upper) on the exact C of every FFN subvalue of layer i at position t
+    (the subvalue as the trace computes it, m_k * fc2_k in the model's dtype), without any
+    vocabulary-sized work per neuron: upper = g . v (Jensen), lower = g . v - B^2 ||y||^2 / 2,
+    (R bounded by _slack), each widened by the rounding of its own evaluation. Also returns
+    y_norm [F], the bound on the part input norms (for score_error). Memoised per trace."""
+    memo, t = R.trace_memo(trace), t % trace.T
+    key = ("ffn_brackets", i, t, int(w), spectral)
+    if key in memo:
+        return memo[key]
+    model = trace.model
+    gkey = ("g64", t, int(w))
+    if gkey not in memo:
+        memo[gkey] = _g64(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
+    g = memo[gkey][i]
+    m = np.asarray(trace.layers[i].m[t], np.float64)                          # [F]
+    W = model.weight(f"blocks.{i}.mlp.W_out")                                # [F, d]
+    gv = W @ g if W.dtype == np.float64 else np.asarray(W, np.float64) @ g   # [F] float64 products
+    upper = m * gv
+    wn = _row_norms(model, i)
+    y_norm = np.abs(m) * wn * _norm_factor(R) * (1 + 4 * np.finfo(model.dtype).eps)
+    pkey = ("pmax", t, int(w))
+    if pkey not in memo:                                                     # every part at every Lres_i
+        memo[pkey] = _pmax(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)
+    sl = slack(R, w, [p[i] for p in memo[pkey]], np.abs(m) * wn * (1 + 4 * np.finfo(model.dtype).eps), spectral)
+    eps_dt, eps64 = float(np.finfo(model.dtype).eps), float(np.finfo(np.float64).eps)
+    gn = float(np.linalg.norm(g))
+    d = model.cfg.d_model
+    # v = fl(m * fc2) (one rounding per entry), g . v in float64, base p in the model's dtype
+    # and the class is that of the exact C (bounds.class_values re-scores near +-tau in float64):
+    # the brackets allow for the float64 scoring's rounding and for the base p computed in the
+    # working dtype (g is built from it; the float64 re-scoring recomputes p)
+    margin = (2 * eps_dt + (d + 8) * eps64) * np.abs(m) * wn * gn \
+        + score_error(R, w, y_norm, np.float64) + base_p_error(R, w, y_norm, model.dtype)
+    lower, upper = upper - sl - margin, upper + margin
+    zero = m == 0                                                            # v = 0: C = 0 exactly
+    lower[zero], upper[zero] = 0.0, 0.0
+    memo[key] = out = (lower, upper, y_norm)
+    return out
+
+
+def _readout64(R: Readout) -> Readout:
+    """The same readout computed in float64 (weights widened exactly; the frozen scale is the
+    run's own value), for re-scoring subvalues whose class the working dtype cannot decide."""
+    if R.model.dtype == np.float64:
+        return R
+    r64 = getattr(R, "_r64", None)
+    if r64 is None:
+        from .model import load
+        m64 = R.model.__dict__.get("_model64")
+        if m64 is None:
+            m64 = R.model._model64 = load(R.model.path, dtype="float64")
+        r64 = Readout(m64, np.ones(R.model.cfg.d_model), R.kind)
+        if R.has_norm:
+            r64.scale = np.asarray(R.scale, np.float64)
+        R._r64 = r64
+    return r64
+
+
+def class_values(trace, i: int, w: int, t: int, R: Readout, neurons: np.ndarray, c: np.ndarray,
+                 tau: float) -> np.ndarray:
+    """The values that decide the class (helpful C > tau, unhelpful C < -tau, negligible) of FFN
+    subvalues `neurons` of layer i with exact scores c (computed in the model's dtype): c
+    itself, except where c is within its rounding bound of +-tau, where C is re-scored in
+    float64 (so a float32 run counts what the exact C says, not its rounding). Lens scores are
+    used as they are."""
+    c = np.asarray(c, np.float64)
+    if R.kind == "lens" or R.model.dtype == np.float64 or len(c) == 0:
+        return c
+    m = np.asarray(trace.layers[i].m[t % trace.T], np.float64)[neurons]
+    y_norm = np.abs(m) * _row_norms(trace.model, i)[neurons] * _norm_factor(R) * (1 + 4 * np.finfo(np.float32).eps)
+    err = score_error(R, w, y_norm, R.model.dtype)
+    near = np.flatnonzero((np.abs(c - tau) <= err) | (np.abs(c + tau) <= err))
+    if len(near) == 0:
+        return c
+    R64 = _readout64(R)
+    base = np.asarray(trace.layers[i].lres[t], np.float64)[None]
+    V = np.asarray(trace.ffn_subvalues(i, t, neurons[near]), np.float64)
+    out = c.copy()
+    out[near] = R64.increase(base, np.zeros(len(near), dtype=np.int64), V, w)[0]
+    return out

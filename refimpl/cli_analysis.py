@@ -5,6 +5,7 @@ Each shares the prompt/model/target options and prints a table, or with --json o
 """
 from __future__ import annotations
 
+import argparse
 
 import numpy as np
 
@@ -12,6 +13,20 @@ from . import display
 from .cli_common import (check_layer, check_neuron, command, common, emit, no_effect, open_model, positive_int,
                          prepare, prompt_source)
 from .errors import RefimplError
+
+
+NEGLIGIBLE = 1e-6          # = significance.NEGLIGIBLE (not imported here: the CLI starts without it)
+
+
+def _tau(s: str) -> float:
+    """argparse type for --negligible: a finite number >= 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (nats), got {s!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (nats), got {s!r}")
+    return v
 
 
 def _top(n_or_all: str):
@@ -30,8 +45,14 @@ def cmd_locate(p, args=None):
                        help="score every FFN subvalue, attention subvalue and attention neuron by brute force "
                             "(default: the same exact top-K found with bounds)")
         p.add_argument("--counts", choices=["auto", "yes", "no"], default="auto",
-                       help="per-layer helpful/unhelpful counts (auto: on small models, after "
-                            "`refimpl prepare`, and with --exhaustive)")
+                       help="per-layer FFN counts and top-10 shares (Fig. 6-7); auto = yes (no prepare step needed)")
+        p.add_argument("--negligible", type=_tau, default=NEGLIGIBLE, metavar="TAU",
+                       help="counts: |C| <= TAU nats is negligible, C > TAU helpful, C < -TAU unhelpful "
+                            f"(default {NEGLIGIBLE:g}; docs/design-choices.md)")
+        p.add_argument("--share", choices=["exact", "bound"], default="exact",
+                       help="top-10 shares: exact (scores every helpful/unhelpful subvalue the bounds do not pin "
+                            "down: up to an exhaustive pass on dense models) or bound (certified [lo, hi], no extra "
+                            "scoring)")
         p.add_argument("--plots", default=None, metavar="DIR", help="write the paper's figures as PNGs (needs matplotlib)")
         p.add_argument("--force", action="store_true", help="with --plots: replace figures already in DIR")
         p.add_argument("--versus", default=None, metavar="TOKEN",
@@ -53,6 +74,7 @@ def cmd_locate(p, args=None):
         check_outdir(args.plots, args.force)
     r = locate(model, src, target=args.target, target_id=args.target_id, position=args.position, top=args.top,
                readout=args.readout, exhaustive=args.exhaustive, counts={"auto": "auto", "yes": True, "no": False}[args.counts],
+               negligible=args.negligible, share=args.share,
                versus=args.versus, versus_id=args.versus_id, prepend_bos=args.prepend_bos)
     if args.plots:
         from .plots import write_figures
@@ -94,6 +116,8 @@ def cmd_subvalues(p, args=None):
                             "head, head dimension, source position)")
         p.add_argument("--top", type=_top, default=10, metavar="K",
                        help="list the K best subvalues (`all`: every one)")
+        p.add_argument("--negligible", type=_tau, default=NEGLIGIBLE, metavar="TAU",
+                       help=f"with --kind ffn: the layer's counts treat |C| <= TAU nats as negligible (default {NEGLIGIBLE:g})")
         return
     if args.kind == "ffn" and args.by is not None:
         no_effect("--by", "with --kind ffn (it splits attention subvalues; add --kind attn)")
@@ -131,7 +155,7 @@ def cmd_subvalues(p, args=None):
         entries.append(e)
     body.update(n_subvalues=int(flat.size), subvalues=entries, bias=bias)
     if args.kind == "ffn":
-        body["summary"] = ffn_layer_summary(trace, args.layer, w, t, R, scores=c)
+        body["summary"] = ffn_layer_summary(trace, args.layer, w, t, R, scores=c, negligible=args.negligible)
     what = {"ffn": "neuron", "position": "source position", "head": "head", "head_position": "head, position",
             "head_neuron_position": "head, dim, position"}
     label = what["ffn" if args.kind == "ffn" else by]
@@ -155,10 +179,10 @@ def cmd_subvalues(p, args=None):
                 f"{bias['prob_increase']:>+10.5f}")
     if args.kind == "ffn":
         sm = body["summary"]
-        share = sm["top10_share"]
-        share = f"{share:.3f}" if isinstance(share, float) else f"[{share[0]:.3f}, {share[1]:.3f}]"
-        text.append(f"  activated (m > 0) {sm['activated']}, helpful {sm['helpful']}, unhelpful {sm['unhelpful']}; "
-                    f"top-10 share of helpful {share}")
+        tau = sm["threshold"]
+        text.append(f"  activated {sm['activated']}, helpful (C > {tau:g}) {sm['helpful']}, unhelpful (C < -{tau:g}) "
+                    f"{sm['unhelpful']}, negligible {sm['negligible']}; top-10 share of helpful "
+                    f"{sm['top10_share']:.3f}, of unhelpful {sm['top10_share_unhelpful']:.3f} (exact)")
     emit(args, body, "\n".join(text))
 
 

@@ -15,18 +15,17 @@ import warnings
 
 import numpy as np
 
-from . import bounds, display, output, tracing
+from . import display, output, tracing
 from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
 from .forward import run
 from .readout import rank_of, top_ids
-from .significance import layer_significance
-from .topk import ffn_counts, top_attn_neurons, top_attn_subvalues, top_ffn_subvalues
+from .significance import NEGLIGIBLE, layer_significance
+from .topk import check_negligible, ffn_counts, top_attn_neurons, top_attn_subvalues, top_ffn_subvalues
 
 N_TOP_TOKENS = 10
-AUTO_COUNTS_COST = 1e11     # embedded model 2.7e8, stories260K 2.8e7; GPT2-medium 5e12 (opt in with --counts yes)
 
 
 def single_token(model, text: str) -> int | None:
@@ -140,16 +139,19 @@ def resolve_versus(model, log_probs_t: np.ndarray, w: int, versus=None, versus_i
 @output.collected
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
            readout: str = "frozen", exhaustive: bool = False, counts="auto", versus=None, versus_id=None,
-           prepend_bos: bool | None = None) -> dict:
+           prepend_bos: bool | None = None, negligible: float = NEGLIGIBLE, share: str = "exact") -> dict:
     """The report as a dict: the one place the `refimpl locate --json` object is built (schema
     refimpl/data/schemas/locate.json), also what `refimpl.locate(...).to_dict()` returns and
-    each record of `refimpl batch`. counts: True, False or "auto" (the per-layer
-    helpful/unhelpful counts of Fig. 6-7, computed by default when exhaustive or when the model is
-    small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
-    has cached those ranges already). versus / versus_id: the token of the bs-value difference
+    each record of `refimpl batch`. counts: True, False or "auto" (= True): the per-layer
+    helpful / unhelpful / negligible counts and top-10 shares of Fig. 6-7 (topk.ffn_counts), with
+    negligible = tau (|C| <= tau nats is negligible) and share = "exact" or "bound" (a certified
+    bracket that needs no extra exact scores). versus / versus_id: the token of the bs-value difference
     (Fig. 10-11; default the runner-up). prepend_bos: the start token of a text prompt (None: the
     family's convention, Model.start_ids)."""
     t0 = time.perf_counter()
+    negligible = check_negligible(negligible)
+    if share not in ("exact", "bound"):
+        raise RefimplError(f"share must be exact or bound, got {share!r}")
     trace = run(model, prompt_or_ids, prepend_bos)
     t = resolve_position(trace, position)
     notes = prompt_warnings(model, prompt_or_ids, prepend_bos)
@@ -215,15 +217,8 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
     result["attn_neuron_scored"] = int(an["scored"])
-    if counts == "auto":
-        counts = exhaustive or bounds.ranges_cost(model) <= AUTO_COUNTS_COST or \
-            (R.kind != "lens" and bounds.ranges_ready(R))
-        if not counts:
-            result["ffn_counts_note"] = ("per-layer helpful/unhelpful counts skipped on a model this size: run "
-                                         "`refimpl prepare` once (computes and caches the per-neuron ranges they "
-                                         "need) or pass --counts yes")
-    if counts:
-        result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive)
+    if counts:                       # "auto" (the default) is True: no prepared data needed (topk.ffn_counts)
+        result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive, negligible=negligible, share=share)
     if act is not None:
         result["activation_trace"] = act[0]
     if model.cfg.d_vocab > 1:
@@ -321,13 +316,24 @@ def format_report(r: dict, model=None) -> str:
                          f"target rank {s['target_rank']}{extra}  top: {top_list(s, 8)}")
     if "ffn_counts_note" in r:
         lines += ["", r["ffn_counts_note"]]
-    if "ffn_counts" in r:
+    if r.get("ffn_counts"):
+        cs = r["ffn_counts"]
+        bound = any(c.get("share") == "bound" for c in cs)
+        tau = cs[0].get("threshold", 0.0)
         lines.append("")
-        lines.append("FFN subvalues per layer (activated / helpful / unhelpful; top-10 share of helpful):")
-        for c in r["ffn_counts"]:
-            sh = c["top10_share"]
-            share = f"{sh:.3f}" if isinstance(sh, float) else f"[{sh[0]:.3f}, {sh[1]:.3f}]"
-            lines.append(f"  layer {c['layer']:>3}: {c['activated']:>6} {c['helpful']:>6} {c['unhelpful']:>6}  {share}")
+        lines.append(f"FFN subvalues per layer (Fig. 6): helpful C > {tau:g}, unhelpful C < -{tau:g}, negligible "
+                     f"|C| <= {tau:g} nats;")
+        lines.append("top-10 share of the helpful (unhelpful) subvalues' summed increase (Fig. 7), "
+                     + ("certified bounds [lo, hi], not exact (--share bound):" if bound else "exact:"))
+        lines.append(f"  {'layer':>9}  {'activated':>9} {'helpful':>7} {'unhelpful':>9} {'negligible':>10}  "
+                     f"{'top-10 share':>14} {'(unhelpful)':>14}")
+
+        def fmt(sh):
+            return f"{sh:.3f}" if not isinstance(sh, list) else f"[{sh[0]:.3f}, {sh[1]:.3f}]"
+        for c in cs:
+            lines.append(f"  layer {c['layer']:>3}  {c['activated']:>9} {c['helpful']:>7} {c['unhelpful']:>9} "
+                         f"{c.get('negligible', 0):>10}  {fmt(c['top10_share']):>14} "
+                         f"{fmt(c.get('top10_share_unhelpful', 0.0)):>14}")
     for a in r.get("activation_trace", []):
         lines.append("")
         lines.append(f"what activates L{a['layer']} n{a['neuron']} ({a['which']} subkey; pre-activation "

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: ffn_counts with a negligible threshold, exact shares (docs/json.md)
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schemas")
 
 

@@ -139,25 +139,32 @@ def _draw_layers(plt, d, tgt):
 
 def _draw_counts(plt, d, tgt):
     fig, ax = plt.subplots(figsize=(max(7, 3 + 0.25 * len(d["layer"])), 4))
-    _bars(ax, d["layer"], {k: d[k] for k in ("activated", "helpful", "unhelpful")}, "FFN subvalues",
-          "activated / helpful / unhelpful FFN subvalues")
+    keys = [k for k in ("activated", "helpful", "unhelpful", "negligible") if k in d]
+    tau = d.get("threshold")
+    _bars(ax, d["layer"], {k: d[k] for k in keys}, "FFN subvalues",
+          "activated / helpful / unhelpful / negligible FFN subvalues"
+          + (f"\n(helpful C > {tau:g}, unhelpful C < -{tau:g}, negligible |C| <= {tau:g} nats)" if tau is not None else ""))
     return fig
 
 
 def _draw_share(plt, d, tgt):
     fig, ax = plt.subplots(figsize=(7, 4))
-    lo, hi = (np.array([s[j] if isinstance(s, list) else s for s in d["top10_share"]]) for j in (0, 1))
-    mid = (lo + hi) / 2
-    ax.bar(d["layer"], mid, 0.6, color="tab:blue")
-    if not d["exact"]:
-        ax.errorbar(d["layer"], mid, yerr=[mid - lo, hi - mid], fmt="none", ecolor="black", capsize=3,
-                    label="bracket [lo, hi] from the bounds\n(exact with --exhaustive)")
-        ax.legend(fontsize=8, loc="lower right")
+    layers = np.asarray(d["layer"], dtype=float)
+    series = [("top10_share", "helpful", "tab:blue", -0.2)]
+    if "top10_share_unhelpful" in d:
+        series.append(("top10_share_unhelpful", "unhelpful", "tab:red", 0.2))
+    for key, name, color, dx in series:
+        lo, hi = (np.array([s[j] if isinstance(s, list) else s for s in d[key]]) for j in (0, 1))
+        if d["exact"]:
+            ax.bar(layers + dx, lo, 0.4, color=color, label=f"{name} (exact)")
+        else:                   # a bound: drawn as the interval it is, never as a bar of a value
+            ax.bar(layers + dx, hi - lo, 0.4, bottom=lo, color=color, alpha=0.35, edgecolor=color,
+                   label=f"{name}: certified bound [lo, hi] (--share bound; not exact)")
+    ax.legend(fontsize=8, loc="lower right")
     _layer_axis(ax, len(d["layer"]))
-    ax.set(ylim=(0, 1.05), ylabel="share of helpful log-prob increase",
-           title="share of the top-10 helpful FFN subvalues")
+    ax.set(ylim=(0, 1.05), ylabel="share of summed log-prob increase",
+           title="share of the top-10 FFN subvalues" + ("" if d["exact"] else " (BOUNDS, not exact values)"))
     return fig
-
 
 def _draw_additivity(plt, d, tgt):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
@@ -244,9 +251,11 @@ def figure_data(model, src, r) -> dict:
     R = trace.readout(t, r["readout"])
     data = {"layer_significance": _layer_data(r)}
     counts = r["ffn_counts"] if "ffn_counts" in r else ffn_counts(trace, w, t, R, exhaustive=r.get("exhaustive", False))
-    data["ffn_counts"] = {k: [c[k] for c in counts] for k in ("layer", "activated", "helpful", "unhelpful")}
+    data["ffn_counts"] = {k: [c[k] for c in counts] for k in ("layer", "activated", "helpful", "unhelpful", "negligible")}
+    data["ffn_counts"]["threshold"] = counts[0]["threshold"] if counts else None
     data["top10_share"] = {"layer": [c["layer"] for c in counts], "top10_share": [c["top10_share"] for c in counts],
-                           "exact": all(not isinstance(c["top10_share"], list) for c in counts)}
+                           "top10_share_unhelpful": [c["top10_share_unhelpful"] for c in counts],
+                           "exact": all(c.get("share", "exact") == "exact" for c in counts)}
     if trace.layers:
         best = max(range(len(trace.layers)), key=lambda i: (r["layers"][i]["ffn"]["log_prob_increase"], -i))
         data["additivity"] = _additivity_data(trace, best, t, w, R)

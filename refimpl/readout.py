@@ -134,18 +134,20 @@ def log_softmax_shift(lp: np.ndarray, u: np.ndarray, sel: int) -> np.ndarray:
     (~1e-16), so counts of helpful/unhelpful subvalues do not depend on the BLAS kernel.
     Rows where that form loses precision use logsumexp(lp + u) instead: a very large shift
     (expm1 would overflow) or a sum below 1/2 (log1p of a number near -1)."""
-    p = np.exp(lp)                                                          # [n_g]
-    out = np.empty(len(u), dtype=u.dtype)
+    p = np.exp(np.asarray(lp, np.float64))                                 # [n_g]
+    out = np.empty(len(u), dtype=np.float64)
     use_lse = u.max(axis=-1) > 0.5 * np.log(np.finfo(u.dtype).max)        # [n] expm1 would overflow
     small = np.flatnonzero(~use_lse)
     if len(small):
-        x = np.expm1(u[small]) @ p                                          # sum_j p_j expm1(u_j) = S - 1
+        # the vocabulary-long sums in float64 whatever the dtype: their rounding (V eps in float32)
+        # would otherwise exceed the products' (docs/topk.md, rounding margins)
+        x = np.asarray(np.expm1(u[small]), np.float64) @ p                  # sum_j p_j expm1(u_j) = S - 1
         ok = x > -0.5       # S < 1/2: log1p would cancel (S - 1 with sum p = 1 +- eps); logsumexp is exact there
         out[small[ok]] = u[small[ok], sel] - np.log1p(x[ok])
         use_lse[small[~ok]] = True
     if use_lse.any():
-        out[use_lse] = u[use_lse, sel] - nn.logsumexp(lp + u[use_lse])
-    return out
+        out[use_lse] = u[use_lse, sel] - nn.logsumexp(np.asarray(lp, np.float64) + u[use_lse])
+    return out.astype(u.dtype)
 
 
 def final_log_probs(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

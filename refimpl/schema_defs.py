@@ -44,6 +44,7 @@ def nullable(s: dict) -> dict:
 
 
 INCREASE = obj({"log_prob_increase": NUM, "prob_increase": NUM})
+SHARE_BOUND = {"type": "array", "items": PROB, "minItems": 2, "maxItems": 2}   # [lo, hi] with share "bound"
 
 DEFS = {
     "token": obj({"id": NAT, "token": STR}, {"piece": nullable(STR)}),
@@ -54,11 +55,12 @@ DEFS = {
     "timing": obj({"seconds": {"type": "number", "minimum": 0}}),
     "increase": INCREASE,
     "layer_row": obj({"layer": NAT, "attn": INCREASE, "ffn": INCREASE}),
-    "ffn_counts_row": obj({"layer": NAT, "activated": NAT, "helpful": NAT, "unhelpful": NAT},
-                          {"negligible": NAT, "threshold": NUM,
-                           "top10_share": {"anyOf": [NUM, {"type": "array", "items": NUM, "minItems": 2,
-                                                            "maxItems": 2}]},
-                           "helpful_share": NUM, "unhelpful_share": NUM}),
+    "ffn_counts_row": obj({"layer": NAT, "activated": NAT, "helpful": NAT, "unhelpful": NAT, "negligible": NAT,
+                           "threshold": {"type": "number", "minimum": 0},
+                           "top10_share": {"anyOf": [PROB, SHARE_BOUND]},
+                           "top10_share_unhelpful": {"anyOf": [PROB, SHARE_BOUND]},
+                           "share": {"enum": ["exact", "bound"]}},
+                          {"scored": NAT}),
     "bs_token": obj({"id": NAT, "token": STR, "bs": NUM}, {"piece": nullable(STR)}),
 }
 

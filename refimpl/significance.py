@@ -104,16 +104,46 @@ def ffn_subvalue_significance(trace, i: int, w: int, t: int = -1, neurons=None, 
     return out
 
 
-def ffn_layer_summary(trace, i: int, w: int, t: int = -1, readout="frozen", scores=None) -> dict:
-    """Fig. 6-7 for one FFN layer: activated (m > 0), helpful (C > 0), unhelpful (C < 0)
-    subvalue counts, and the share of the top-10 helpful ones in the sum over all helpful."""
-    c = ffn_subvalue_significance(trace, i, w, t, readout=readout)[0] if scores is None else scores
-    m = trace.layers[i].m[t]
-    helpful = np.sort(c[c > 0])[::-1]
-    total = float(helpful.sum())
-    return {"layer": i, "activated": int((m > 0).sum()), "helpful": int((c > 0).sum()),
-            "unhelpful": int((c < 0).sum()),
-            "top10_share": float(helpful[:10].sum() / total) if total > 0 else 0.0}
+NEGLIGIBLE = 1e-6           # tau (nats): |C| <= tau counts as negligible (docs/design-choices.md)
+
+
+def activated(trace, i: int, t: int) -> np.ndarray:
+    """Which FFN neurons of layer i are activated at position t [F] (Fig. 6): m > 0 for ReLU
+    and GELU (act(x) > 0 exactly when x > 0), the gate's silu > 0 (gate pre-activation > 0)
+    for SwiGLU, where m = silu(gate) * up takes either sign with the "up" projection."""
+    L = trace.layers[i]
+    return L.gate_pre[t] > 0 if L.gate_pre is not None else L.m[t] > 0
+
+
+def top_share(x: np.ndarray, k: int = 10) -> float:
+    """sum of the k largest of x / sum of x (x > 0; 0.0 for an empty x): Fig. 7."""
+    if len(x) == 0:
+        return 0.0
+    x = np.sort(np.asarray(x, dtype=np.float64))[::-1]
+    return float(x[:k].sum() / x.sum())
+
+
+def counts_row(i: int, act: np.ndarray, c_class: np.ndarray, c_value: np.ndarray, tau: float) -> dict:
+    """One row of Fig. 6-7 from every neuron's C: helpful C > tau, unhelpful C < -tau, negligible
+    |C| <= tau (c_class: the values that decide the class, bounds.class_values); the top-10
+    shares of the helpful (of the unhelpful) subvalues' summed increase, from c_value (the
+    same values, or values within their rounding)."""
+    hel, unh = c_class > tau, c_class < -tau
+    return {"layer": int(i), "activated": int(act.sum()), "helpful": int(hel.sum()), "unhelpful": int(unh.sum()),
+            "negligible": int(len(c_class) - hel.sum() - unh.sum()), "threshold": float(tau),
+            "top10_share": top_share(c_value[hel]), "top10_share_unhelpful": top_share(-c_value[unh]),
+            "share": "exact"}
+
+
+def ffn_layer_summary(trace, i: int, w: int, t: int = -1, readout="frozen", scores=None,
+                      negligible: float = NEGLIGIBLE) -> dict:
+    """Fig. 6-7 for one FFN layer from every subvalue's exact score: activated, helpful (C > tau),
+    unhelpful (C < -tau), negligible (|C| <= tau) counts and the top-10 shares (exact)."""
+    from .bounds import class_values
+    R = as_readout(trace, t, readout)
+    c = ffn_subvalue_significance(trace, i, w, t, readout=R)[0] if scores is None else scores
+    cls = class_values(trace, i, w, t, R, np.arange(len(c)), c, negligible)
+    return counts_row(i, activated(trace, i, t), cls, cls, negligible)
 
 
 def additivity(trace, i: int, w: int, t: int = -1, kind: str = "ffn", k_max: int | None = None,

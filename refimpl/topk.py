@@ -2,11 +2,12 @@
 
 Branch and bound on the upper bound of bounds.py: visit neurons in decreasing upper
 bound, score them exactly, and stop as soon as the next upper bound is below the K-th
-best exact score found so far: no unvisited neuron can enter the top-K. Helpful /
-unhelpful counts are decided by the bounds (lower > 0: helpful; upper < 0: unhelpful;
-m = 0: exactly zero) and only the undecided neurons are scored. `exhaustive=True`
-scores every neuron by brute force (chunked) and is the reference the fast path is
-tested against.
+best exact score found so far: no unvisited neuron can enter the top-K. The per-layer
+counts (helpful C > tau, unhelpful C < -tau, negligible) are decided by certified brackets
+(bounds.ffn_brackets: lower > tau helpful, upper < -tau unhelpful, inside [-tau, tau]
+negligible; m = 0: exactly zero) and only the undecided subvalues are scored, plus what the
+exact top-10 shares need. `exhaustive=True` scores every subvalue by brute force (chunked)
+and is the reference the fast path is tested against.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from . import bounds
 from . import decomposition as dec
-from .significance import (as_readout, attn_position_significance_all_layers, ffn_layer_summary,
+from .errors import RefimplError
+from .significance import (NEGLIGIBLE, activated, as_readout, attn_position_significance_all_layers, counts_row,
                            ffn_subvalue_significance)
 
 DECIDE_MARGIN = 1e-9      # bounds decide a sign only when they clear zero by this much (absolute)
@@ -177,41 +179,112 @@ def top_attn_neurons(trace, w: int, t: int = -1, k: int = 10, readout="frozen", 
             "scored": int(scored)}
 
 
-def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = False) -> list[dict]:
-    """Per layer: activated (m > 0), helpful (C > 0), unhelpful (C < 0) subvalue counts (Fig. 6),
-    exact; plus the top-10 share of helpful C (Fig. 7): exact with exhaustive, otherwise
-    bracketed by the bounds as [lo, hi]."""
+SHARES = ("exact", "bound")
+
+
+def check_negligible(tau) -> float:
+    """The negligible threshold tau: a finite number >= 0 (nats)."""
+    try:
+        x = float(tau)
+    except (TypeError, ValueError):
+        raise RefimplError(f"negligible threshold must be a number >= 0, got {tau!r}") from None
+    if not np.isfinite(x) or x < 0:
+        raise RefimplError(f"negligible threshold must be a finite number >= 0, got {tau!r}")
+    return x
+
+
+def _pin_rel(dtype) -> float:
+    """Relative error allowed on a layer's summed helpful (unhelpful) C from subvalues valued at
+    their bracket's midpoint instead of scored: 16 eps of the working dtype (the exact sum's own
+    rounding is of that order)."""
+    return 16 * float(np.finfo(dtype).eps)
+
+
+def _unscored_ok(lo: np.ndarray, up: np.ndarray, sure: np.ndarray, tau: float, rel: float) -> np.ndarray:
+    """Among the subvalues `sure` to be helpful (C in [lo, up], lo > tau), those whose exact C
+    is not needed for the exact top-10 share: they cannot be in the top 10 (up below the 10th
+    largest lower bound) and their bracket widths sum to at most rel * (a lower bound on the
+    helpful total), so the midpoint values them to that precision."""
+    idx = np.flatnonzero(sure)
+    out = np.zeros(len(lo), bool)
+    if len(idx) <= 10:
+        return out
+    kth_lo = np.partition(lo[idx], len(idx) - 10)[len(idx) - 10]
+    cand = idx[up[idx] < kth_lo]
+    width = up[cand] - lo[cand]
+    order = np.argsort(width, kind="stable")
+    budget = rel * float(np.maximum(lo[idx], tau).sum())
+    ok = np.cumsum(width[order]) <= budget
+    out[cand[order[ok]]] = True
+    return out
+
+
+def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = False,
+               negligible: float = NEGLIGIBLE, share: str = "exact") -> list[dict]:
+    """Per layer (Fig. 6-7): activated, helpful (C > tau), unhelpful (C < -tau) and negligible
+    (|C| <= tau) FFN subvalue counts, exact, and the top-10 shares of the helpful and of the
+    unhelpful subvalues' summed increase.
+
+    Every subvalue's C is bracketed by bounds.ffn_brackets (one d_ff x d product per layer, no
+    vocabulary-sized work); only subvalues the brackets leave undecided are scored exactly, so
+    the counts equal `exhaustive`'s. share="exact" also scores what the exact shares need
+    (every helpful / unhelpful subvalue whose bracket is not already narrower than the sums'
+    rounding: on a model with dense activations, most of them); share="bound" scores nothing
+    more and reports each share as a certified [lo, hi] (labelled `"share": "bound"`)."""
     R = as_readout(trace, t, readout)
+    tau = check_negligible(negligible)
+    if share not in SHARES:
+        raise RefimplError(f"share must be one of {', '.join(SHARES)}, got {share!r}")
+    L, F = len(trace.layers), trace.model.cfg.d_ff
     if exhaustive or R.kind == "lens":                  # every subvalue scored (memoised per layer)
-        return [{**ffn_layer_summary(trace, i, w, t, R), "scored": trace.model.cfg.d_ff}
-                for i in range(len(trace.layers))]
-    ranges = bounds.neuron_ranges(R)
-    layers, out = [], []
-    for i, Ltr in enumerate(trace.layers):
-        m = Ltr.m[t]
-        up, lo = bounds.ffn_bounds(trace, i, w, t, R, ranges)
-        zero = m == 0
-        pos_ = (lo > DECIDE_MARGIN) & ~zero
-        neg_ = (up < -DECIDE_MARGIN) & ~zero
-        layers.append((i, m, up, lo, pos_, neg_, np.flatnonzero(~(pos_ | neg_ | zero))))
-    # the undecided neurons of every layer, scored exactly in one stacked product
-    und_l = np.concatenate([np.full(len(und), i) for i, *_, und in layers]).astype(np.int64)
-    und_n = np.concatenate([und for *_, und in layers]).astype(np.int64)
-    c_all = _score_across_layers(trace, und_l, und_n, w, t, R)[0] if len(und_n) else np.zeros(0)
-    for i, m, up, lo, pos_, neg_, und in layers:
-        c_und = c_all[und_l == i]
-        helpful = int(pos_.sum() + (c_und > 0).sum())
-        # top-10 share bracket: exact C of helpful neurons lies in [max(lo, 0), up]
-        lo_h = np.concatenate([np.maximum(lo[pos_], 0), c_und[c_und > 0]])
-        up_h = np.concatenate([up[pos_], c_und[c_und > 0]])
-        out.append({"layer": i, "activated": int((m > 0).sum()), "helpful": helpful,
-                    "unhelpful": int(neg_.sum() + (c_und < 0).sum()),
-                    "top10_share": _share_bracket(lo_h, up_h), "scored": len(und)})
+        out = []
+        for i in range(L):
+            c = ffn_subvalue_significance(trace, i, w, t, readout=R)[0]
+            cls = bounds.class_values(trace, i, w, t, R, np.arange(F), c, tau)
+            out.append({**counts_row(i, activated(trace, i, t), cls, cls, tau), "scored": F})
+        return out
+    rel = _pin_rel(trace.model.dtype)
+    per = []
+    for i in range(L):
+        # share="exact" scores (nearly) every helpful / unhelpful subvalue anyway: the cheaper
+        # Popoviciu bracket suffices; "bound" brackets tightly (the Gram matrix, once per model)
+        lo, up, _ = bounds.ffn_brackets(trace, i, w, t, R, spectral=share == "bound")
+        hel, unh = lo > tau, up < -tau
+        und = ~(hel | unh | ((lo >= -tau) & (up <= tau)))
+        need = und.copy()
+        if share == "exact":
+            need |= hel & ~_unscored_ok(lo, up, hel, tau, rel)
+            need |= unh & ~_unscored_ok(-up, -lo, unh, tau, rel)
+        per.append((lo, up, hel, unh, np.flatnonzero(need)))
+    sl = np.concatenate([np.full(len(n), i) for i, (*_, n) in enumerate(per)]).astype(np.int64)
+    sn = np.concatenate([n for *_, n in per]).astype(np.int64)
+    c_all = np.zeros(len(sn))
+    for s in range(0, len(sn), 2048):           # stacked across layers, 2048 subvalues at a time (memory)
+        c_all[s:s + 2048] = _score_across_layers(trace, sl[s:s + 2048], sn[s:s + 2048], w, t, R)[0]
+    out = []
+    for i, (lo, up, hel, unh, need) in enumerate(per):
+        c = np.asarray(c_all[sl == i], np.float64)
+        cls_scored = bounds.class_values(trace, i, w, t, R, need, c, tau)
+        cls = np.where(hel, np.inf, np.where(unh, -np.inf, 0.0))              # decided by the brackets
+        cls[need] = cls_scored
+        val = (lo + up) / 2                                                   # unscored: bracket midpoint
+        val[need] = cls_scored                                                # = c, or re-scored near +-tau
+        row = counts_row(i, activated(trace, i, t), cls, val, tau)
+        if share == "bound":
+            lo_s, up_s = np.maximum(lo, tau), up.copy()
+            lo_s[need], up_s[need] = cls_scored, cls_scored
+            h, u_ = cls > tau, cls < -tau
+            row["top10_share"] = _share_bracket(lo_s[h], up_s[h])
+            lo_u, up_u = np.maximum(-up, tau), -lo
+            lo_u[need], up_u[need] = -cls_scored, -cls_scored
+            row["top10_share_unhelpful"] = _share_bracket(lo_u[u_], up_u[u_])
+            row["share"] = "bound"
+        out.append({**row, "scored": int(len(need))})
     return out
 
 
 def _share_bracket(lo: np.ndarray, up: np.ndarray) -> list[float]:
-    """[min, max] of (sum of the 10 largest x) / (sum of x) over x in the box [lo, up]."""
+    """[min, max] of (sum of the 10 largest x) / (sum of x) over x in the box [lo, up] (lo > 0)."""
     if len(lo) == 0:
         return [0.0, 0.0]
     if len(lo) <= 10:

@@ -276,23 +276,31 @@ def test_ffn_subvalue_significance_and_summary(case):
                 c2, p2 = sig.ffn_subvalue_significance(tr, i, w, t, neurons=sub, readout=kind, chunk=2)
                 near(c2, cp[sub, 0], f"{kind} ffn C subset L{i}")
                 near(p2, cp[sub, 1], f"{kind} ffn P subset L{i}")
-                # Fig. 6-7 summary from a slow loop
-                m = tr.layers[i].m[tt]
-                act = help_ = unhelp = 0
-                helpful = []
+                # Fig. 6-7 summary from a slow loop: helpful C > tau, unhelpful C < -tau, else negligible
+                s = sig.ffn_layer_summary(tr, i, w, t, readout=kind)
+                tau = s["threshold"]
+                assert tau == 1e-6
+                L = tr.layers[i]
+                act = int(((L.gate_pre[tt] if L.gate_pre is not None else L.m[tt]) > 0).sum())
+                help_ = unhelp = negl = 0
+                helpful, unhelpful = [], []
                 for k in range(model.cfg.d_ff):
-                    act += m[k] > 0
-                    if cp[k, 0] > 0:
+                    if cp[k, 0] > tau:
                         help_ += 1
                         helpful.append(cp[k, 0])
-                    elif cp[k, 0] < 0:
+                    elif cp[k, 0] < -tau:
                         unhelp += 1
+                        unhelpful.append(-cp[k, 0])
+                    else:
+                        negl += 1
                 helpful.sort(reverse=True)
+                unhelpful.sort(reverse=True)
                 share = sum(helpful[:10]) / sum(helpful) if helpful else 0.0
-                s = sig.ffn_layer_summary(tr, i, w, t, readout=kind)
-                assert (s["layer"], s["activated"], s["helpful"], s["unhelpful"]) == (i, act, help_, unhelp), \
-                    f"{kind} L{i} summary {s} != {(act, help_, unhelp)}"
+                share_u = sum(unhelpful[:10]) / sum(unhelpful) if unhelpful else 0.0
+                assert (s["layer"], s["activated"], s["helpful"], s["unhelpful"], s["negligible"]) == \
+                    (i, act, help_, unhelp, negl), f"{kind} L{i} summary {s} != {(act, help_, unhelp, negl)}"
                 near(s["top10_share"], share, f"{kind} top-10 share L{i}")
+                near(s["top10_share_unhelpful"], share_u, f"{kind} top-10 share (unhelpful) L{i}")
 
 
 def test_zero_subvalue_scores_exactly_zero():
@@ -307,8 +315,9 @@ def test_zero_subvalue_scores_exactly_zero():
         c, p = sig.ffn_subvalue_significance(tr, i, w, -1)
         assert np.all(c[zero] == 0) and np.all(p[zero] == 0)
         s = sig.ffn_layer_summary(tr, i, w, -1)
-        assert s["helpful"] + s["unhelpful"] == int((c != 0).sum())
-        assert s["helpful"] + s["unhelpful"] <= model.cfg.d_ff - int(zero.sum())
+        tau = s["threshold"]
+        assert s["helpful"] + s["unhelpful"] == int((np.abs(c) > tau).sum())
+        assert s["negligible"] >= int(zero.sum()) and s["helpful"] + s["unhelpful"] + s["negligible"] == model.cfg.d_ff
 
 
 # --- 3. vocabulary view -----------------------------------------------------------------------
@@ -668,14 +677,15 @@ def check_locate(model, tr, r, t, w, kind, top):
     # counts
     for i, cnt in enumerate(r.get("ffn_counts", [])):
         cs = np.array([x[0] for x in ffn_all if x[2] == i])
-        m = tr.layers[i].m[tt]
-        assert (cnt["activated"], cnt["helpful"], cnt["unhelpful"]) == \
-            (int((m > 0).sum()), int((cs > 0).sum()), int((cs < 0).sum())), f"counts L{i}"
-        h = sorted(cs[cs > 0], reverse=True)
+        L, tau = tr.layers[i], cnt["threshold"]
+        act = (L.gate_pre[tt] if L.gate_pre is not None else L.m[tt]) > 0
+        assert (cnt["activated"], cnt["helpful"], cnt["unhelpful"], cnt["negligible"]) == \
+            (int(act.sum()), int((cs > tau).sum()), int((cs < -tau).sum()), int((np.abs(cs) <= tau).sum())), \
+            f"counts L{i}"
+        h = sorted(cs[cs > tau], reverse=True)
         share = sum(h[:10]) / sum(h) if h else 0.0
-        sh = cnt["top10_share"]
-        lo, hi = (sh, sh) if isinstance(sh, float) else sh
-        assert lo - TOL <= share <= hi + TOL, f"top-10 share {share} outside {sh}"
+        assert cnt["share"] == "exact"
+        assert abs(cnt["top10_share"] - share) <= TOL, f"top-10 share {cnt['top10_share']} != {share}"
     # activation trace: level-1 contributions sum to the pre-activation
     for a in r.get("activation_trace", []):
         exact_sum([x["value"] for x in a["contributions"]], a["pre_activation"], "activation trace")

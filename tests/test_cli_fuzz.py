@@ -163,6 +163,8 @@ def argv_lists(draw, world):
         "--atol": st.sampled_from(["0", "inf", "x"]), "--format": st.sampled_from(["hf-gpt2", "llama2c", "onnx"]),
         "--tokenizer": st.sampled_from([world / "inputs" / "notes.txt", world / "nothing"]),
         "--generate": INTS, "--weight-cache": st.sampled_from(["auto", "yes", "no"]),
+        "--negligible": st.sampled_from(["1e-6", "0", "-1", "nan", "inf", "x", "1e300"]),
+        "--share": st.sampled_from(["exact", "bound", "approx"]),
     }
     flags = ["--json", "--exhaustive", "--force", "--token-ids", "--summary", "--quiet", "--convert",
              "--no-subvalue-scores"]

@@ -1,4 +1,5 @@
-"""Helpful / unhelpful FFN counts on a REAL model against a high-precision reference.
+"""Helpful / unhelpful / negligible FFN counts on a REAL model against a high-precision reference
+(helpful C > tau, unhelpful C < -tau, negligible |C| <= tau; tau = 1e-6 nats by default).
 
 On a trained GELU model most FFN subvalues have |C| far below the rounding of log p (~1e-16):
 their sign cannot be read off log p(w | L + v) - log p(w | L) in float64. The reference here
@@ -183,9 +184,12 @@ def test_counts_equal_the_high_precision_reference(real):
     for i in range(model.cfg.n_layers):
         R = trace.readout(t)
         summary = ffn_layer_summary(trace, i, w, t, R)
-        tau = float(summary.get("threshold", 0.0))
+        tau = float(summary["threshold"])
+        assert tau == fast[i]["threshold"] == full[i]["threshold"] == 1e-6        # the documented default
         cls, how, values, C64, _ = reference_classes(real, i, tau)
-        want = {"helpful": int((cls == 1).sum()), "unhelpful": int((cls == -1).sum())}
+        want = {"helpful": int((cls == 1).sum()), "unhelpful": int((cls == -1).sum()),
+                "negligible": int((cls == 0).sum())}
+        assert sum(want.values()) == model.cfg.d_ff
         for name, got in (("summary", summary), ("locate", fast[i]), ("exhaustive", full[i])):
             assert {k: got[k] for k in want} == want, (name, i, got, want, how)
         C, _ = ffn_subvalue_significance(trace, i, w, t, readout=R)

@@ -227,7 +227,8 @@ def test_schema_accepts_the_announced_additions(located):
     o["warnings"] = ["'Pariss' is not in the vocabulary: it maps to <|unk|>"]
     o["versus"] = {"id": 280, "token": "Berlin", "piece": "Berlin", "bs_difference": 3.2}
     o["ffn_counts"] = [{"layer": 0, "activated": 192, "helpful": 300, "unhelpful": 100, "negligible": 112,
-                        "threshold": 1e-6, "top10_share": 0.4, "helpful_share": 0.7, "unhelpful_share": 0.3,
+                        "threshold": 1e-6, "top10_share": 0.4, "top10_share_unhelpful": [0.2, 0.3], "share": "bound",
+                        "helpful_share": 0.7, "unhelpful_share": 0.3,
                         "something_new": [1, 2]}]
     o["top_subvalues"].append({"kind": "attn_neuron", "layer": 1, "head": 2, "dim": 5, "position": 3,
                                "log_prob_increase": 0.01, "prob_increase": 0.001, "target_rank": 4,

@@ -147,7 +147,8 @@ def test_figures_and_their_data(name, tmp_path):
     counts = r.get("ffn_counts")
     if counts is not None:
         assert fd["ffn_counts"]["helpful"] == [c["helpful"] for c in counts]
-    assert fd["ffn_counts"]["activated"] == [int((lay.m[t] > 0).sum()) for lay in tr.layers]
+    assert fd["ffn_counts"]["activated"] == [int(((lay.gate_pre if lay.gate_pre is not None else lay.m)[t] > 0).sum())
+                                             for lay in tr.layers]       # SwiGLU: the gate is open
     assert fd["top10_share"]["exact"] == all(not isinstance(s, list) for s in fd["top10_share"]["top10_share"])
     if opts.get("exhaustive"):
         assert fd["top10_share"]["exact"]
