@@ -465,6 +465,51 @@ def _readout64(R: Readout) -> Readout:
     return r64
 
 
+def increase64(trace, i: int, w: int, t: int, R: Readout, neurons: np.ndarray) -> np.ndarray:
+    """C [n] of FFN subvalues `neurons` of layer i (over Lres_i) computed in float64 whatever the
+    working dtype: the subvalues and the base state as the run computed them, the run's frozen
+    scale, weights widened exactly (the plain unembedding a block of columns at a time, so no
+    float64 copy of it is kept)."""
+    neurons = np.asarray(neurons, np.int64)
+    t = t % trace.T
+    V = np.asarray(trace.ffn_subvalues(i, t, neurons), np.float64)             # [n, d]
+    base = np.asarray(trace.layers[i].lres[t], np.float64)
+    if R.model.dtype == np.float64:
+        return np.asarray(R.increase(base[None], np.zeros(len(V), np.int64), V, w)[0], np.float64)
+    if R.head.adaptive:
+        return _readout64(R).increase(base[None], np.zeros(len(V), np.int64), V, w)[0]
+    from .readout import log_softmax_shift
+    from . import nn
+
+    def norm64(X, offset):
+        if not R.has_norm:
+            return X
+        if R.centre:
+            X = X - X.mean(-1, keepdims=True)
+        Y = np.asarray(R.gamma, np.float64) * (X / float(R.scale[0]))
+        if offset and R.kind == "frozen" and R.centre and R.beta is not None:
+            Y = Y + np.asarray(R.beta, np.float64)
+        return Y
+    W = R.model.weight("unembed.W_U")                                        # [d, V]
+    bias = np.asarray(R.head.bias(), np.float64)
+    yb, Y = norm64(base, True), norm64(V, False)
+    nV, out = W.shape[1], np.empty(len(V))
+    z = np.empty(nV)
+    blocks = [(s_, np.asarray(W[:, s_:s_ + 8192], np.float64)) for s_ in range(0, nV, 8192)] if len(V) <= 64 else None
+    for a in range(0, len(V), 64):
+        u = np.empty((min(64, len(V) - a), nV))                              # [c, V]
+        for s_ in range(0, nV, 8192):
+            Wc = blocks[s_ // 8192][1] if blocks is not None else np.asarray(W[:, s_:s_ + 8192], np.float64)
+            if a == 0:
+                z[s_:s_ + 8192] = yb @ Wc
+            u[:, s_:s_ + 8192] = Y[a:a + 64] @ Wc
+        if a == 0:
+            z = z + bias
+            lp = z - nn.logsumexp(z)
+        out[a:a + 64] = log_softmax_shift(lp, u, w)
+    return out
+
+
 def class_values(trace, i: int, w: int, t: int, R: Readout, neurons: np.ndarray, c: np.ndarray,
                  tau: float) -> np.ndarray:
     """The values that decide the class (helpful C > tau, unhelpful C < -tau, negligible) of FFN
@@ -481,9 +526,6 @@ def class_values(trace, i: int, w: int, t: int, R: Readout, neurons: np.ndarray,
     near = np.flatnonzero((np.abs(c - tau) <= err) | (np.abs(c + tau) <= err))
     if len(near) == 0:
         return c
-    R64 = _readout64(R)
-    base = np.asarray(trace.layers[i].lres[t], np.float64)[None]
-    V = np.asarray(trace.ffn_subvalues(i, t, neurons[near]), np.float64)
     out = c.copy()
-    out[near] = R64.increase(base, np.zeros(len(near), dtype=np.int64), V, w)[0]
+    out[near] = increase64(trace, i, w, t, R, np.asarray(neurons)[near])
     return out

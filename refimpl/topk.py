@@ -255,20 +255,24 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
         if share == "exact":
             need |= hel & ~_unscored_ok(lo, up, hel, tau, rel)
             need |= unh & ~_unscored_ok(-up, -lo, unh, tau, rel)
-        per.append((lo, up, hel, unh, np.flatnonzero(need)))
-    sl = np.concatenate([np.full(len(n), i) for i, (*_, n) in enumerate(per)]).astype(np.int64)
-    sn = np.concatenate([n for *_, n in per]).astype(np.int64)
+        per.append((lo, up, hel, unh, np.flatnonzero(need & ~und), np.flatnonzero(und)))
+    # subvalues scored for the shares only (their class is decided): in the working dtype, stacked
+    # across layers 2048 at a time; the undecided ones: their class is the exact C's, so they are
+    # scored in float64 directly (bounds.increase64; the same as the working dtype in float64)
+    sl = np.concatenate([np.full(len(n), i) for i, (*_, n, _u) in enumerate(per)]).astype(np.int64)
+    sn = np.concatenate([n for *_, n, _u in per]).astype(np.int64)
     c_all = np.zeros(len(sn))
-    for s in range(0, len(sn), 2048):           # stacked across layers, 2048 subvalues at a time (memory)
+    for s in range(0, len(sn), 2048):
         c_all[s:s + 2048] = _score_across_layers(trace, sl[s:s + 2048], sn[s:s + 2048], w, t, R)[0]
     out = []
-    for i, (lo, up, hel, unh, need) in enumerate(per):
-        c = np.asarray(c_all[sl == i], np.float64)
-        cls_scored = bounds.class_values(trace, i, w, t, R, need, c, tau)
+    for i, (lo, up, hel, unh, share_only, und) in enumerate(per):
+        need = np.concatenate([share_only, und])
+        c_und = bounds.increase64(trace, i, w, t, R, und) if len(und) else np.zeros(0)
+        cls_scored = np.concatenate([np.asarray(c_all[sl == i], np.float64), c_und])
         cls = np.where(hel, np.inf, np.where(unh, -np.inf, 0.0))              # decided by the brackets
-        cls[need] = cls_scored
+        cls[und] = c_und                                                      # decided by the exact C
         val = (lo + up) / 2                                                   # unscored: bracket midpoint
-        val[need] = cls_scored                                                # = c, or re-scored near +-tau
+        val[need] = cls_scored
         row = counts_row(i, activated(trace, i, t), cls, val, tau)
         if share == "bound":
             lo_s, up_s = np.maximum(lo, tau), up.copy()
