@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from . import display, output, tracing
+from .blas import one_blas_thread
 from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
@@ -152,7 +153,8 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     negligible = check_negligible(negligible)
     if share not in ("exact", "bound"):
         raise RefimplError(f"share must be exact or bound, got {share!r}")
-    trace = run(model, prompt_or_ids, prepend_bos)
+    with one_blas_thread():         # a few rows per product: BLAS threads would only wait (refimpl/blas.py)
+        trace = run(model, prompt_or_ids, prepend_bos)
     t = resolve_position(trace, position)
     notes = prompt_warnings(model, prompt_or_ids, prepend_bos)
     w = resolve_target(model, trace.log_probs[t], target, target_id, notes=notes)
