@@ -594,7 +594,10 @@ def detail(names) -> str:
     for n in names:
         r = summarize(n)
         c = r.get("convert")
-        if c:
+        if c and c.get("direct"):
+            out.append(f"- {r['model']}: converted model written directly by synth.py --canonical in "
+                       f"{fmt_s(c['wall_s'])} (source + conversion would not fit the disk; conversion not measured)")
+        elif c:
             out.append(f"- {r['model']}: conversion {fmt_s(c['wall_s'])} wall, {c['user_s']:.0f} s user + "
                        f"{c['sys_s']:.0f} s sys CPU, peak RSS {fmt_mb(c['maxrss_mb'])} (sampled peak anon "
                        f"{fmt_mb(c.get('peak_anon_mb'))}, file-backed {fmt_mb(c.get('peak_file_mb'))}); source "
