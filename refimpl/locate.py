@@ -20,7 +20,7 @@ from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
-from .forward import run
+from .forward import run, run_ids
 from .readout import rank_of, top_ids
 from .significance import layer_significance
 from .topk import ffn_counts, top_attn_neurons, top_attn_subvalues, top_ffn_subvalues
@@ -140,7 +140,7 @@ def resolve_versus(model, log_probs_t: np.ndarray, w: int, versus=None, versus_i
 @output.collected
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
            readout: str = "frozen", exhaustive: bool = False, counts="auto", versus=None, versus_id=None,
-           prepend_bos: bool | None = None) -> dict:
+           prepend_bos: bool | None = None, trace=None) -> dict:
     """The report as a dict: the one place the `refimpl locate --json` object is built (schema
     refimpl/data/schemas/locate.json), also what `refimpl.locate(...).to_dict()` returns and
     each record of `refimpl batch`. counts: True, False or "auto" (the per-layer
@@ -148,9 +148,13 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     small (the ranges they need cost under AUTO_COUNTS_COST multiply-adds) or when `refimpl prepare`
     has cached those ranges already). versus / versus_id: the token of the bs-value difference
     (Fig. 10-11; default the runner-up). prepend_bos: the start token of a text prompt (None: the
-    family's convention, Model.start_ids)."""
+    family's convention, Model.start_ids). trace: the forward pass of exactly this prompt, computed
+    already (`forward.forward_many`, as `refimpl batch` does); the report is then the same."""
     t0 = time.perf_counter()
-    trace = run(model, prompt_or_ids, prepend_bos)
+    if trace is None:
+        trace = run(model, prompt_or_ids, prepend_bos)
+    elif trace.model is not model or list(trace.ids) != list(run_ids(model, prompt_or_ids, prepend_bos)):
+        raise RefimplError("trace= is not the forward pass of this prompt on this model")
     t = resolve_position(trace, position)
     notes = prompt_warnings(model, prompt_or_ids, prepend_bos)
     w = resolve_target(model, trace.log_probs[t], target, target_id, notes=notes)
