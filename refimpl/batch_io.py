@@ -171,7 +171,7 @@ def read_prompts(path: str, fmt: str = "auto") -> list[dict]:
     for it in items:
         key = (type(it["id"]).__name__, it["id"])
         if key in seen:
-            raise RefimplError(f"{path}: two prompts have the id {short(str(it['id']), 40)}")
+            raise RefimplError(f"{path}: two prompts have the id {short(it['id'], 40)}")
         seen[key] = True
     return items
 
