@@ -130,6 +130,18 @@ def auto_chunk(model, n_tokens: int = 16) -> int:
     return int(max(1, min(64, TRACE_BUDGET // max(1, per_prompt))))
 
 
+def _typical_length(model, items: list[dict], options: dict) -> int:
+    """The longest tokenized length among (the first) prompts: what sizes a chunk's traces."""
+    from .forward import run_ids
+    n = [1]
+    for it in items:
+        try:
+            n.append(len(run_ids(model, it["prompt"], options["prepend_bos"])))
+        except (RefimplError, ValueError):
+            pass
+    return max(n)
+
+
 def compute_records(model, items: list[dict], keys: list[str], options: dict, extra_warnings=()):
     """Yield (item, record) for each item, in order: the forward passes of all items run
     together (`forward_many`), then each is reported by `locate(..., trace=)`. A prompt that
@@ -161,12 +173,26 @@ def compute_records(model, items: list[dict], keys: list[str], options: dict, ex
         yield it, {"id": it["id"], "group": it["group"], "key": keys[n], **r}
 
 
+def keep_attention_outputs(model) -> int:
+    """The weight cache of a batch on a streaming model: the default plus every layer's W_O in
+    the compute dtype. The per-prompt analysis widens each layer's W_O in full (attention
+    subvalues, Eq. 7-8), so a batch keeps them from one prompt to the next instead of widening
+    them again for every prompt (Llama-7B in float64: 4.3 GB more memory). Returns the bytes."""
+    if streams(model):
+        extra = sum(int(np.prod(model.tensors[f"blocks.{i}.attn.W_O"].shape)) for i in range(model.cfg.n_layers))
+        model.cache_bytes += extra * model.dtype.itemsize
+    return model.cache_bytes
+
+
 def open_model(path: str, dtype: str, **model_options):
-    """The model and the warnings its load showed (they go into every record, as in `refimpl locate`)."""
+    """The model and the warnings its load showed (they go into every record, as in `refimpl locate`).
+    Without an explicit cache_bytes the weight cache keeps the attention outputs (keep_attention_outputs)."""
     from .api import load
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         model = load(path, dtype=dtype, **model_options)
+        if "cache_bytes" not in model_options:
+            keep_attention_outputs(model)
     shown = []
     for w in caught:
         msg = str(w.message).splitlines()[0] if str(w.message) else w.category.__name__
@@ -370,7 +396,7 @@ def run_batch(prompts: str, model_path: str | None, out: str, options: dict | No
             if workers is not None or scheduler is not None:
                 _run_dask(model_dir, options, model_options, todo, chunk or 1, workers, scheduler, take)
             else:
-                size = chunk or auto_chunk(model)
+                size = chunk or auto_chunk(model, _typical_length(model, [p[0] for p in todo[:64]], options))
                 for s in range(0, len(todo), size):
                     part = todo[s:s + size]
                     for _, r in compute_records(model, [p[0] for p in part], [p[1] for p in part], options, shown):

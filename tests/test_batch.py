@@ -431,3 +431,20 @@ def test_progress_bar_with_rate_and_eta(tmp_path):
     text = term.getvalue()
     assert "batch: 3 prompts" in text
     assert re.search(r"\d\d:\d\d<\d\d:\d\d, +[\d.]+ ?(prompt/s|s/prompt)", text), text
+
+
+def test_a_streaming_batch_keeps_the_attention_outputs_and_the_same_records():
+    """keep_attention_outputs: the batch's weight cache grows by every W_O (widened once, then
+    reused by every prompt's analysis); the records stay those of the model held in memory."""
+    held = random_model("gpt2", store="F16", n_layers=3, d_model=16, n_heads=4, d_ff=40, d_vocab=50)
+    m = refimpl.load(held.path, cache_bytes=2000)
+    assert batch.streams(m)
+    w_o = sum(int(np.prod(m.tensors[f"blocks.{i}.attn.W_O"].shape)) for i in range(3)) * 8
+    assert batch.keep_attention_outputs(m) == 2000 + w_o and batch.streams(m)
+    items = [{"id": n, "prompt": p, "target": None, "group": None} for n, p in enumerate(["t1 t2 t3", "t4 t5", "t9"])]
+    got = [r for _, r in batch.compute_records(m, items, ["0" * 64] * 3, batch.normalize_options({}))]
+    assert all(f"blocks.{i}.attn.W_O" in m._cache for i in range(3))
+    for it, r in zip(items, got):
+        one = locate(held, it["prompt"])
+        one.pop("timing")
+        assert strip(r) == one
