@@ -427,7 +427,14 @@ def _run_dask(model_dir, options, model_options, todo, chunk, workers, scheduler
                                  [p[0] for p in todo[s:s + chunk]], [p[1] for p in todo[s:s + chunk]], pure=False)
                    for s in range(0, len(todo), chunk)]
         for fut in as_completed(futures):
-            for line, is_error in fut.result():
+            try:
+                lines = fut.result()
+            except Exception as e:          # a worker died (KilledWorker), lost connection, ...
+                for f in futures:
+                    f.cancel()
+                raise RefimplError(f"a Dask task failed ({_message(e)}); the records written so far are kept: "
+                                   f"rerun the same command to finish") from None
+            for line, is_error in lines:
                 take(line, is_error)
             fut.release()
 

@@ -448,3 +448,13 @@ def test_a_streaming_batch_keeps_the_attention_outputs_and_the_same_records():
         one = locate(held, it["prompt"])
         one.pop("timing")
         assert strip(r) == one
+
+
+def test_one_writer_at_a_time(tmp_path, capfd):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ITEMS[:1])
+    out = tmp_path / "out"
+    out.mkdir()
+    with batch.locked(str(out)):
+        rc, _, err = cli(capfd, "batch", prompts, "--out", out)
+    assert_one_error_line(rc, err, "another refimpl batch is writing this directory")
+    assert not (out / "results.jsonl").exists()
