@@ -348,7 +348,8 @@ def run_batch(prompts: str, model_path: str | None, out: str, options: dict | No
               chunk: int | None = None, workers: int | None = None, scheduler: str | None = None,
               progress=None, model_options: dict | None = None, plots: bool = False) -> dict:
     """Analyse every prompt of `prompts` not already in OUT, then write the summary.
-    Returns {"done", "skipped", "errors", "total", "summary"} of this run."""
+    Returns {"done", "skipped" (already in OUT), "repeats" (of an earlier prompt of the file), "errors",
+    "total", "summary"} of this run."""
     from .batch_io import read_prompts, resolve_prompts
     from .embedded import resolve_model
     from .progress import QUIET
@@ -382,7 +383,11 @@ def run_batch(prompts: str, model_path: str | None, out: str, options: dict | No
                 continue
             dup.add(k)
             todo.append((it, k))
-        stats = {"total": len(items), "skipped": len(items) - len(todo), "done": 0, "errors": 0}
+        already = sum(1 for k in keys if k in done)
+        repeats = len(items) - already - len(todo)
+        stats = {"total": len(items), "skipped": already, "repeats": repeats, "done": 0, "errors": 0}
+        if repeats:
+            prog.note(f"{repeats} prompts repeat an earlier one of the file (same prompt and target): analysed once")
         if stats["skipped"]:
             prog.note(f"{stats['skipped']} of {len(items)} prompts already in {os.path.join(out, RESULTS)}")
         app = Appender(os.path.join(out, RESULTS))
@@ -401,6 +406,10 @@ def run_batch(prompts: str, model_path: str | None, out: str, options: dict | No
                     part = todo[s:s + size]
                     for _, r in compute_records(model, [p[0] for p in part], [p[1] for p in part], options, shown):
                         take(encode(r), "error" in r)
+        except KeyboardInterrupt as e:          # Ctrl-C, SIGTERM: what is written stays
+            e.hint = (f"{stats['done']} records written this run are kept in {os.path.join(out, RESULTS)}; "
+                      f"rerun the same command to finish")
+            raise
         finally:
             app.close()
             prog.close()

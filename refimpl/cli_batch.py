@@ -74,7 +74,7 @@ def cmd_batch(p, args=None):
     st = run_batch(args.prompts, args.model, args.out, options, fmt=args.format, chunk=args.chunk,
                    workers=args.workers, scheduler=args.scheduler, progress=prog, plots=args.plots)
     print(f"{st['done']} prompts analysed ({st['errors']} errors), {st['skipped']} already done, "
-          f"{st['total']} in the file")
+          + (f"{st['repeats']} repeated, " if st["repeats"] else "") + f"{st['total']} in the file")
     _print(args.out, st["summary"])
 
 

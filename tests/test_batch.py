@@ -458,3 +458,28 @@ def test_one_writer_at_a_time(tmp_path, capfd):
         rc, _, err = cli(capfd, "batch", prompts, "--out", out)
     assert_one_error_line(rc, err, "another refimpl batch is writing this directory")
     assert not (out / "results.jsonl").exists()
+
+
+def test_a_repeated_prompt_is_analysed_once(tmp_path):
+    items = [ITEMS[0], {**ITEMS[0], "id": "again"}, ITEMS[1]]
+    st = batch.run_batch(write_jsonl(tmp_path / "p.jsonl", items), None, str(tmp_path / "out"))
+    assert (st["done"], st["repeats"], st["skipped"]) == (2, 1, 0)
+    assert [r["id"] for r in records(tmp_path / "out")] == ["fr", "jp"]
+
+
+def test_ctrl_c_keeps_what_is_written_and_says_how_to_finish(tmp_path, capfd, monkeypatch):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ITEMS[:3])
+    real = batch.compute_records
+
+    def interrupted(model, items, keys, options, extra=()):
+        for n, pair in enumerate(real(model, items, keys, options, extra)):
+            if items[0]["id"] == "lyon":
+                raise KeyboardInterrupt
+            yield pair
+    monkeypatch.setattr(batch, "compute_records", interrupted)
+    rc, out, err = cli(capfd, "batch", prompts, "--out", tmp_path / "out")
+    assert rc == 130 and err.splitlines()[-1].startswith("error: interrupted; 2 records written this run are kept"), err
+    assert "rerun the same command to finish" in err
+    monkeypatch.setattr(batch, "compute_records", real)
+    rc, out, err = cli(capfd, "batch", prompts, "--out", tmp_path / "out")
+    assert rc == 0 and "1 prompts analysed (0 errors), 2 already done" in out
