@@ -483,3 +483,13 @@ def test_ctrl_c_keeps_what_is_written_and_says_how_to_finish(tmp_path, capfd, mo
     monkeypatch.setattr(batch, "compute_records", real)
     rc, out, err = cli(capfd, "batch", prompts, "--out", tmp_path / "out")
     assert rc == 0 and "1 prompts analysed (0 errors), 2 already done" in out
+
+
+def test_plots_draw_each_group(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ITEMS[:4])
+    s = batch.run_batch(prompts, None, str(tmp_path / "out"), plots=True)["summary"]
+    names = sorted(os.listdir(tmp_path / "out" / "figures"))
+    assert {"layers-all.png", "layers-capital.png", "layers-city_in.png"} <= set(names)
+    assert set(s["figures"]) == {n[:-4] for n in names}
+    for n in names:
+        assert (tmp_path / "out" / "figures" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
