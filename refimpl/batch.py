@@ -205,13 +205,16 @@ def open_model(path: str, dtype: str, **model_options):
 # --- Dask workers: one model per worker process ---------------------------------------------------
 
 _WORKER_MODELS: dict = {}
+WORKER_OPENS: list = []        # (path, dtype) of every model this process opened for tasks
 
 
 def _worker_model(path: str, dtype: str, model_options: dict):
+    """The model of this worker process, opened on its first task and kept for the next ones."""
     key = (path, dtype, json.dumps(model_options, sort_keys=True))
     if key not in _WORKER_MODELS:
         _WORKER_MODELS.clear()
         _WORKER_MODELS[key] = open_model(path, dtype, **model_options)
+        WORKER_OPENS.append((path, dtype))
     return _WORKER_MODELS[key]
 
 

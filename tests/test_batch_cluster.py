@@ -16,6 +16,11 @@ def serial(tmp_path_factory):
     return prompts, {r["id"]: r for r in records(d / "out")}
 
 
+def _opens():
+    from refimpl import batch
+    return len(batch.WORKER_OPENS)
+
+
 def _same(out, ref):
     got = records(out)
     assert sorted(r["id"] for r in got) == sorted(ref)
@@ -39,5 +44,8 @@ def test_scheduler_address_of_a_running_cluster_and_resumption(serial, tmp_path)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster:
         st = batch.run_batch(prompts, None, str(out), scheduler=cluster.scheduler_address)
+        with distributed.Client(cluster) as client:
+            opens = client.run(_opens)              # {worker address: models it opened}
+    assert len(opens) == 2 and all(n <= 1 for n in opens.values()) and sum(opens.values()) >= 1, opens
     assert (st["done"], st["skipped"]) == (len(ITEMS) - 2, 2)
     _same(out, ref)
