@@ -60,7 +60,7 @@ def summary_schema() -> dict:
                 "model": nullable(obj({"name": STR, "path": STR, "family": STR})),
                 "options": nullable(obj({"top": NAT, "readout": STR, "dtype": STR, "exhaustive": BOOL})),
                 "n_prompts": NAT, "n_errors": NAT, "groups": arr(GROUP), "overall": GROUP},
-               {"figures": {"type": "object", "additionalProperties": STR}})
+               {"figures": {"type": "object", "additionalProperties": STR}, "refimpl_versions": STRS})
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://refimpl/schemas/batch/summary.json",
             "title": "refimpl batch's summary.json",
             "description": "Per group and overall: top-1 rate, layer-level increases over cases, averaged FFN "

@@ -136,6 +136,7 @@ def build_summary(records: list[dict], manifest: dict | None = None) -> dict:
     model = (manifest or {}).get("model") or (ok[0]["model"] if ok else None)
     return {**output.base("batch-summary"), "model": model, "options": (manifest or {}).get("options"),
             "n_prompts": len(records), "n_errors": len(records) - len(ok),
+            "refimpl_versions": sorted({str(r.get("refimpl_version")) for r in records}),
             "groups": [group_summary(g, groups[g]) for g in names] if len(names) > 1 or names != [None] else [],
             "overall": group_summary(None, records)}
 
@@ -156,7 +157,9 @@ def summary_markdown(s: dict, top: int = 15) -> str:
     lines = ["# refimpl batch summary", "",
              f"Model `{m.get('name')}` ({m.get('family')}, {m.get('n_layers')} layers); "
              f"options: {', '.join(f'{k}={v}' for k, v in o.items()) or '-'}.",
-             f"{s['n_prompts']} prompts, {s['n_errors']} errors (error records are listed in summary.json).", "",
+             f"{s['n_prompts']} prompts, {s['n_errors']} errors (error records are listed in summary.json)."
+             + (f" Records written by several refimpl versions: {', '.join(s['refimpl_versions'])}."
+                if len(s.get("refimpl_versions", [])) > 1 else ""), "",
              "| group | prompts | analysed | errors | target is top-1 | mean p(target) |", "|---|---|---|---|---|---|"]
     parts = s["groups"] + [s["overall"]]
     for g in parts:
