@@ -158,12 +158,14 @@ def table(results: dict) -> str:
              "measured on the first few prompts (listed; median wall) and extrapolated to n prompts (n x that wall). "
              "The machine is shared: the 1-minute load average before and after each measurement is given "
              "(2 cores; a load above 2 means other work was running and every number is slower than on a quiet "
-             "machine).", "",
-             "| model | prompts | batch wall | batch prompts/min | per-prompt processes (extrapolated) | "
-             "per-prompt prompts/min | batch / per-prompt | identical records | load before-after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "machine)."]
     for name, res in results.items():
         label = MODELS[name][0]
+        missing = [str(n) for n, rs in res["batch"].items() if not rs]
+        res = {**res, "batch": {n: rs for n, rs in res["batch"].items() if rs}}    # sizes not measured: left out
+        lines += ["", "| model | prompts | batch wall | batch prompts/min | per-prompt processes (extrapolated) | "
+                  "per-prompt prompts/min | batch / per-prompt | identical records | load before-after |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         sw = statistics.median(s["wall"] for s in res["single"])
         sload = f"{min(s['loadavg_before'] for s in res['single']):.1f}-{max(s['loadavg_after'] for s in res['single']):.1f}"
         for n, rs in sorted(res["batch"].items(), key=lambda kv: int(kv[0])):
@@ -180,7 +182,8 @@ def table(results: dict) -> str:
         lines.append(f"{label}: per-prompt process walls {walls} s; batch walls "
                      + "; ".join(f"{n}: " + ", ".join(f"{r['wall']:.1f}" for r in rs) + " s"
                                  for n, rs in sorted(res["batch"].items(), key=lambda kv: int(kv[0])))
-                     + f"; measured {res['single'][0]['when']} to {max(r['when'] for rs in res['batch'].values() for r in rs)}.")
+                     + f"; measured {res['single'][0]['when']} to {max(r['when'] for rs in res['batch'].values() for r in rs)}."
+                     + (f" Not measured: {', '.join(missing)} prompts." if missing else ""))
     lines += ["", END]
     return "\n".join(lines)
 
