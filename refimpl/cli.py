@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from . import __version__, cli_model, cli_analysis, cli_oracle  # noqa: F401  (register their subcommands)
+from . import __version__, cli_model, cli_analysis, cli_oracle, cli_batch  # noqa: F401  (register their subcommands)
 from .cli_common import COMMANDS, _Parser
 from .errors import RefimplError
 from .files import printable

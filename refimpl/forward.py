@@ -100,8 +100,8 @@ def ffn(model: Model, W: dict, x: np.ndarray):
 
 # --- the loop -------------------------------------------------------------------------
 
-def forward(model: Model, ids) -> Trace:
-    """Run the model on token ids and keep every residual-stream vector."""
+def check_ids(model: Model, ids) -> np.ndarray:
+    """Token ids as a non-empty 1-D int64 array inside the vocabulary and the context (else one error)."""
     cfg = model.cfg
     if not isinstance(ids, np.ndarray):          # Python ints: range-checked before any int64 conversion
         ids = list(ids)
@@ -116,32 +116,55 @@ def forward(model: Model, ids) -> Trace:
                            f"out of range (vocabulary has {cfg.d_vocab} tokens)")
     if len(ids) > cfg.n_ctx:
         raise RefimplError(f"prompt has {len(ids)} tokens, longer than the model's context of {cfg.n_ctx}")
+    return ids
 
-    tok = embed_tokens(model, ids)                                          # [T, d]
-    pos = embed_positions(model, ids)                                       # [T, d] or None
-    x = tok if pos is None else tok + pos                                   # Eq. 2: Lin_0
-    layers = []
+
+def layer(model: Model, W: dict, lin: np.ndarray) -> LayerTrace:
+    """One block on Lin_i [T, d] with its weights W (`Model.block(i)`): Eq. 3-10. The body of
+    the loop of `forward` and of `forward_many`, so both give the same numbers bit for bit."""
+    d = model.cfg.d_model
+    q, k, v, pattern, z = attention(model, W, norm(model, lin, W["ln1.w"], W.get("ln1.b")))
+    attn = z.reshape(len(lin), -1) @ W["attn.W_O"].reshape(-1, d)          # [T, d] Eq. 5/7: sum_h z_h O_h
+    if "attn.b_O" in W:
+        attn = attn + W["attn.b_O"]                                         # the attention bias subvalue
+    lres = lin + attn                                                       # Eq. 3
+    pre, gate_pre, m = ffn(model, W, norm(model, lres, W["ln2.w"], W.get("ln2.b")))
+    out = m @ W["mlp.W_out"]                                                # [T, d] Eq. 6/10: sum_k m^k fc2^k
+    if "mlp.b_out" in W:
+        out = out + W["mlp.b_out"]
+    lout = lres + out                                                       # Eq. 4
+    return LayerTrace(lin=lin, attn=attn, lres=lres, ffn=out, lout=lout, q=q, k=k, v=v,
+                      pattern=pattern, z=z, pre=pre, gate_pre=gate_pre, m=m)
+
+
+def forward(model: Model, ids) -> Trace:
+    """Run the model on token ids and keep every residual-stream vector."""
+    return forward_many(model, [ids])[0]
+
+
+def forward_many(model: Model, prompts: list) -> list[Trace]:
+    """`forward` on several token-id sequences at once, layer by layer: each block's weights are
+    fetched (read and widened, for a model that streams) once for all the prompts, and every
+    prompt runs through `layer` on its own, so each Trace is the one `forward` gives alone."""
+    cfg = model.cfg
+    ids = [check_ids(model, p) for p in prompts]
+    tok = [embed_tokens(model, i) for i in ids]                             # [T, d] each
+    pos = [embed_positions(model, i) for i in ids]                          # [T, d] or None each
+    xs = [t if p is None else t + p for t, p in zip(tok, pos)]              # Eq. 2: Lin_0
+    layers: list[list[LayerTrace]] = [[] for _ in ids]
     for i in range(cfg.n_layers):
         W = model.block(i)
-        lin = x                                                             # Lin_i = Lout_{i-1}
-        q, k, v, pattern, z = attention(model, W, norm(model, lin, W["ln1.w"], W.get("ln1.b")))
-        attn = z.reshape(len(ids), -1) @ W["attn.W_O"].reshape(-1, cfg.d_model)   # [T, d] Eq. 5/7: sum_h z_h O_h
-        if "attn.b_O" in W:
-            attn = attn + W["attn.b_O"]                                     # the attention bias subvalue
-        lres = lin + attn                                                   # Eq. 3
-        pre, gate_pre, m = ffn(model, W, norm(model, lres, W["ln2.w"], W.get("ln2.b")))
-        out = m @ W["mlp.W_out"]                                            # [T, d] Eq. 6/10: sum_k m^k fc2^k
-        if "mlp.b_out" in W:
-            out = out + W["mlp.b_out"]
-        lout = lres + out                                                   # Eq. 4
-        layers.append(LayerTrace(lin=lin, attn=attn, lres=lres, ffn=out, lout=lout, q=q, k=k, v=v,
-                                 pattern=pattern, z=z, pre=pre, gate_pre=gate_pre, m=m))
-        x = lout
-    log_probs, logits = final_log_probs(model, x)
-    if not np.isfinite(log_probs).all():
-        _report_non_finite(model, tok, pos, layers)
-    return Trace(model=model, ids=ids, embed_tok=tok, embed_pos=pos, layers=layers,
-                 log_probs=log_probs, logits=logits)
+        for n, x in enumerate(xs):
+            layers[n].append(layer(model, W, x))                            # Lin_{i+1} = Lout_i
+            xs[n] = layers[n][-1].lout
+    out = []
+    for n, x in enumerate(xs):
+        log_probs, logits = final_log_probs(model, x)
+        if not np.isfinite(log_probs).all():
+            _report_non_finite(model, tok[n], pos[n], layers[n])
+        out.append(Trace(model=model, ids=ids[n], embed_tok=tok[n], embed_pos=pos[n], layers=layers[n],
+                         log_probs=log_probs, logits=logits))
+    return out
 
 
 def _report_non_finite(model: Model, tok, pos, layers) -> None:
@@ -161,13 +184,17 @@ def _report_non_finite(model: Model, tok, pos, layers) -> None:
                        f"{'tensor ' + names[0] if names else 'the output'}; run `refimpl verify`")
 
 
+def run_ids(model: Model, prompt_or_ids, prepend_bos: bool | None = None) -> list[int]:
+    """The token ids `run` feeds the model: text tokenized with the start ids `prepend_bos` asks
+    for (None: the family's convention, see Model.start_ids); a list of ints verbatim."""
+    if isinstance(prompt_or_ids, str):
+        return model.encode(prompt_or_ids, prepend_bos)
+    if prepend_bos is not None:
+        raise RefimplError("prepend_bos applies to a text prompt; token ids are used verbatim")
+    return [int(i) for i in prompt_or_ids]
+
+
 def run(model: Model, prompt_or_ids, prepend_bos: bool | None = None) -> Trace:
     """`refimpl.run`: text is tokenized with the start ids `prepend_bos` asks for (None: the
     family's convention, see Model.start_ids); a list of ints is used verbatim."""
-    if isinstance(prompt_or_ids, str):
-        ids = model.encode(prompt_or_ids, prepend_bos)
-    else:
-        if prepend_bos is not None:
-            raise RefimplError("prepend_bos applies to a text prompt; token ids are used verbatim")
-        ids = [int(i) for i in prompt_or_ids]
-    return forward(model, ids)
+    return forward(model, run_ids(model, prompt_or_ids, prepend_bos))

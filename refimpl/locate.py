@@ -21,7 +21,7 @@ from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
 from .errors import RefimplError
-from .forward import run
+from .forward import run, run_ids
 from .readout import rank_of, top_ids
 from .significance import NEGLIGIBLE, layer_significance
 from .topk import check_negligible, ffn_counts, top_attn_neurons, top_attn_subvalues, top_ffn_subvalues
@@ -140,7 +140,8 @@ def resolve_versus(model, log_probs_t: np.ndarray, w: int, versus=None, versus_i
 @output.collected
 def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top: int = 10,
            readout: str = "frozen", exhaustive: bool = False, counts="auto", versus=None, versus_id=None,
-           prepend_bos: bool | None = None, negligible: float = NEGLIGIBLE, share: str = "exact") -> dict:
+           prepend_bos: bool | None = None, negligible: float = NEGLIGIBLE, share: str = "exact",
+           trace=None) -> dict:
     """The report as a dict: the one place the `refimpl locate --json` object is built (schema
     refimpl/data/schemas/locate.json), also what `refimpl.locate(...).to_dict()` returns and
     each record of `refimpl batch`. counts: True, False or "auto" (= True): the per-layer
@@ -148,13 +149,17 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     negligible = tau (|C| <= tau nats is negligible) and share = "exact" or "bound" (a certified
     bracket that needs no extra exact scores). versus / versus_id: the token of the bs-value difference
     (Fig. 10-11; default the runner-up). prepend_bos: the start token of a text prompt (None: the
-    family's convention, Model.start_ids)."""
+    family's convention, Model.start_ids). trace: the forward pass of exactly this prompt, computed
+    already (`forward.forward_many`, as `refimpl batch` does); the report is then the same."""
     t0 = time.perf_counter()
     negligible = check_negligible(negligible)
     if share not in ("exact", "bound"):
         raise RefimplError(f"share must be exact or bound, got {share!r}")
-    with one_blas_thread():         # a few rows per product: BLAS threads would only wait (refimpl/blas.py)
-        trace = run(model, prompt_or_ids, prepend_bos)
+    if trace is None:
+        with one_blas_thread():     # a few rows per product: BLAS threads would only wait (refimpl/blas.py)
+            trace = run(model, prompt_or_ids, prepend_bos)
+    elif trace.model is not model or list(trace.ids) != list(run_ids(model, prompt_or_ids, prepend_bos)):
+        raise RefimplError("trace= is not the forward pass of this prompt on this model")
     t = resolve_position(trace, position)
     notes = prompt_warnings(model, prompt_or_ids, prepend_bos)
     w = resolve_target(model, trace.log_probs[t], target, target_id, notes=notes)

@@ -77,6 +77,7 @@ class Model:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._scratch: dict[tuple, np.ndarray] = {}         # per-layer buffers reused by block(), 2 sets
         self._cached = 0
+        self.pinned: set[str] = set()                       # names kept outside the budget (Model.pin)
         self._tokenizer = None
         self._tokenizer_future = None
         self._prefetch = None                               # (layer, Future) of the next streamed block
@@ -145,16 +146,24 @@ class Model:
         a = self._upcast(src)
         return self._remember(name, a.T if transpose else a)
 
+    def pin(self, names) -> int:
+        """Keep these tensors, once widened, in the cache for good (outside the cache_bytes budget,
+        never evicted): `refimpl batch` pins every W_O of a streaming model. Returns their bytes
+        in the compute dtype."""
+        names = [n for n in names if self._resolve(n)[0] in self.tensors]
+        self.pinned.update(names)
+        return sum(math.prod(self.tensors[self._resolve(n)[0]].shape) for n in names) * self.dtype.itemsize
+
     def _remember(self, name: str, a: np.ndarray) -> np.ndarray:
         """Keep an upcast tensor in the LRU cache (the readout's always)."""
-        if name.startswith(PINNED):                 # the readout is used by every analysis: always kept
+        if name.startswith(PINNED) or name in self.pinned:   # the readout (every analysis reads it), pins
             self._cache[name] = a
             return a
         if a.nbytes <= self.cache_bytes:
             self._cache[name] = a
             self._cached += a.nbytes
             if self._cached > self.cache_bytes:
-                for key in [k for k in self._cache if not k.startswith(PINNED)]:
+                for key in [k for k in self._cache if not k.startswith(PINNED) and k not in self.pinned]:
                     if self._cached <= self.cache_bytes:
                         break
                     self._cached -= self._cache.pop(key).nbytes

@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 # import name -> distribution name, where they differ
 DIST = {}
-OPTIONAL = {"matplotlib": "plot", "pandas": "pandas", "jsonschema": "jsonschema"}
+OPTIONAL = {"matplotlib": "plot", "pandas": "pandas", "jsonschema": "jsonschema", "distributed": "cluster"}
 
 
 def imported_packages() -> set[str]:
