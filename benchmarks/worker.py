@@ -200,6 +200,8 @@ def task_phases(args):
     argv += ["--ids", args.ids] if args.ids else [args.prompt]
     if args.counts is not True and args.counts != "auto":
         argv += ["--counts", "no"]
+    if getattr(args, "share", None):
+        argv += ["--share", args.share]
     if args.json_out:
         argv += ["--json"]
     buf = io.StringIO()
@@ -654,6 +656,7 @@ def main(argv=None):
     p.add_argument("--ids", default=None)
     p.add_argument("--exhaustive", action="store_true")
     p.add_argument("--counts", default="auto", type=lambda s: {"auto": "auto", "yes": True, "no": False}[s])
+    p.add_argument("--share", default=None, choices=["exact", "bound"], help="phases: locate --share")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--sample", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)

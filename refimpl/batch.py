@@ -225,9 +225,12 @@ def _worker_model(path: str, dtype: str, model_options: dict):
 
 
 def worker_task(path: str, dtype: str, model_options: dict, options: dict, items: list,
-                keys: list) -> list[tuple[str, bool]]:
-    """A chunk on a Dask worker: its records as (JSON line, is an error record) (the client writes them)."""
-    with warnings.catch_warnings():
+                keys: list, blas_threads: int | None = None) -> list[tuple[str, bool]]:
+    """A chunk on a Dask worker: its records as (JSON line, is an error record) (the client writes them).
+    blas_threads: the client's BLAS thread count (Dask starts workers with one), so that the
+    records equal the client's own `refimpl locate` to the last bit (refimpl/blas.py)."""
+    from .blas import blas_threads as with_threads
+    with warnings.catch_warnings(), with_threads(blas_threads):
         warnings.simplefilter("ignore")                  # listed in the records; a worker has no user to tell
         model, shown = _worker_model(path, dtype, model_options)
         return [(encode(r), "error" in r) for _, r in compute_records(model, items, keys, options, shown)]
@@ -441,8 +444,10 @@ def _run_dask(model_dir, options, model_options, todo, chunk, workers, scheduler
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                        host="127.0.0.1", dashboard_address=None))
             client = stack.enter_context(Client(cluster))
+        from .blas import threads as blas_thread_count
+        threads = blas_thread_count()
         futures = [client.submit(worker_task, model_dir, options["dtype"], model_options, options,
-                                 [p[0] for p in todo[s:s + chunk]], [p[1] for p in todo[s:s + chunk]], pure=False)
+                                 [p[0] for p in todo[s:s + chunk]], [p[1] for p in todo[s:s + chunk]], threads, pure=False)
                    for s in range(0, len(todo), chunk)]
         for fut in as_completed(futures):
             try:

@@ -3,10 +3,15 @@
 The forward pass at prompt length multiplies a handful of rows by each weight matrix:
 OpenBLAS's threads then mostly wait for each other, and they compete with the thread that
 widens the next layer's weights (refimpl.model). `one_blas_thread()` runs a block with one
-BLAS thread and restores the count afterwards. Where the library or its symbols are not
-found (another BLAS, another build) it does nothing: only speed depends on it, never results
-(BLAS results here do not depend on the thread count for these shapes; the tests check the
-outputs, not the thread count).
+BLAS thread and restores the count afterwards.
+
+The thread count is also part of what makes a result reproducible to the last bit: OpenBLAS
+splits some products differently with more threads (a [5, 1024] x [1024, 50257] product, or
+one row times a matrix, differs in the last bits between 1 and 2 threads here). So the forward
+pass always runs with one BLAS thread (whatever the machine), and a Dask worker of `refimpl
+batch` runs the analysis with the client's thread count (`blas_threads(n)`), so its records
+equal the client's own `refimpl locate` to the last bit. Where the library or its symbols are
+not found (another BLAS, another build) these do nothing.
 """
 from __future__ import annotations
 
@@ -43,19 +48,30 @@ def _funcs():
     return _LIB
 
 
-@contextlib.contextmanager
-def one_blas_thread():
+def threads() -> int | None:
+    """The BLAS thread count now (None where it cannot be read)."""
     f = _funcs()
-    if not f:
+    return int(f[1]()) if f else None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Run a block with n BLAS threads (None: as it is), then restore the count."""
+    f = _funcs()
+    if not f or n is None:
         yield
         return
     setf, getf = f
-    n = getf()
-    if n <= 1:
+    old = getf()
+    if old == n:
         yield
         return
-    setf(1)
+    setf(int(n))
     try:
         yield
     finally:
-        setf(n)
+        setf(old)
+
+
+def one_blas_thread():
+    return blas_threads(1)

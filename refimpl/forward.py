@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import nn
+from .blas import one_blas_thread
 from .errors import RefimplError
 from .model import Model
 from .readout import final_log_probs
@@ -145,7 +146,14 @@ def forward(model: Model, ids) -> Trace:
 def forward_many(model: Model, prompts: list) -> list[Trace]:
     """`forward` on several token-id sequences at once, layer by layer: each block's weights are
     fetched (read and widened, for a model that streams) once for all the prompts, and every
-    prompt runs through `layer` on its own, so each Trace is the one `forward` gives alone."""
+    prompt runs through `layer` on its own, so each Trace is the one `forward` gives alone.
+    With one BLAS thread: a few rows per product gain nothing from threads, and the results do
+    not depend on the machine's thread count (refimpl/blas.py)."""
+    with one_blas_thread():
+        return _forward_many(model, prompts)
+
+
+def _forward_many(model: Model, prompts: list) -> list[Trace]:
     cfg = model.cfg
     ids = [check_ids(model, p) for p in prompts]
     tok = [embed_tokens(model, i) for i in ids]                             # [T, d] each

@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 
 from . import display, output, tracing
-from .blas import one_blas_thread
 from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
@@ -156,8 +155,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     if share not in ("exact", "bound"):
         raise RefimplError(f"share must be exact or bound, got {share!r}")
     if trace is None:
-        with one_blas_thread():     # a few rows per product: BLAS threads would only wait (refimpl/blas.py)
-            trace = run(model, prompt_or_ids, prepend_bos)
+        trace = run(model, prompt_or_ids, prepend_bos)     # one BLAS thread (forward_many)
     elif trace.model is not model or list(trace.ids) != list(run_ids(model, prompt_or_ids, prepend_bos)):
         raise RefimplError("trace= is not the forward pass of this prompt on this model")
     t = resolve_position(trace, position)
