@@ -27,12 +27,17 @@ def _funcs():
         _LIB = False
         try:
             import ctypes
-            path = None
+            import numpy as np
+            np.ones((2, 2)) @ np.ones((2, 2))          # numpy's BLAS is loaded
+            # NumPy's own OpenBLAS (numpy.libs/): SciPy ships another one, which may be mapped first
+            found = []
             with open("/proc/self/maps") as f:
                 for line in f:
-                    if "openblas" in line and ".so" in line:
-                        path = line.split()[-1]
-                        break
+                    if "openblas" in line and ".so" in line and line.split()[-1] not in found:
+                        found.append(line.split()[-1])
+            here = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+            own = [p for p in found if p.startswith(os.path.join(here, "numpy"))]
+            path = own[0] if own else (found[0] if len(found) == 1 else None)
             if path and os.path.isfile(path):
                 lib = ctypes.CDLL(path)
                 for s, g in (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
