@@ -264,10 +264,13 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
     c_all = np.zeros(len(sn))
     for s in range(0, len(sn), 2048):
         c_all[s:s + 2048] = _score_across_layers(trace, sl[s:s + 2048], sn[s:s + 2048], w, t, R)[0]
+    ul = np.concatenate([np.full(len(u_), i) for i, (*_, u_) in enumerate(per)]).astype(np.int64)
+    c_und_all = bounds.increase64_layers(trace, ul, np.concatenate([u_ for *_, u_ in per]).astype(np.int64),
+                                         w, t, R)                             # one pass over W_U for all layers
     out = []
     for i, (lo, up, hel, unh, share_only, und) in enumerate(per):
         need = np.concatenate([share_only, und])
-        c_und = bounds.increase64(trace, i, w, t, R, und) if len(und) else np.zeros(0)
+        c_und = c_und_all[ul == i]
         cls_scored = np.concatenate([np.asarray(c_all[sl == i], np.float64), c_und])
         cls = np.where(hel, np.inf, np.where(unh, -np.inf, 0.0))              # decided by the brackets
         cls[und] = c_und                                                      # decided by the exact C
