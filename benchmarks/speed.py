@@ -152,9 +152,9 @@ PLAN = [
     ("gpt2-medium", "first", "float64", "bound", 3), ("gpt2-medium", "first", "float32", "bound", 3),
     ("llama-7b", "warm", "float64", "nocounts", 5), ("llama-7b", "pass", "float64", None, 2),
     ("llama-13b", "warm", "float64", "nocounts", 3), ("llama-13b", "pass", "float64", None, 1),
-    ("llama-7b", "warm", "float32", "nocounts", 3),
+    ("llama-7b", "warm", "float32", "nocounts", 3), ("llama-7b", "warm", "float32", "bound", 2),
     ("gpt2-medium", "warm", "float32", "exact", 1), ("gpt2-medium", "warm", "float64", "exact", 1),
-    ("llama-13b", "warm", "float32", "nocounts", 2),
+    ("llama-13b", "warm", "float32", "nocounts", 2), ("llama-13b", "warm", "float32", "bound", 1),
 ]
 
 
