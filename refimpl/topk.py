@@ -257,27 +257,20 @@ def ffn_counts(trace, w: int, t: int = -1, readout="frozen", exhaustive: bool = 
             need |= unh & ~_unscored_ok(-up, -lo, unh, tau, rel)
         per.append((lo, up, hel, unh, np.flatnonzero(need & ~und), np.flatnonzero(und)))
     # subvalues scored for the shares only (their class is decided): in the working dtype, stacked
-    # across layers 2048 at a time; the undecided ones: their class is the exact C's (float64: the
-    # working dtype's C; float32: its C, re-scored in float64 where within rounding of +-tau)
+    # across layers 2048 at a time; the undecided ones: their class is the exact C's, so they are
+    # scored in float64 directly (bounds.increase64; the same as the working dtype in float64)
     sl = np.concatenate([np.full(len(n), i) for i, (*_, n, _u) in enumerate(per)]).astype(np.int64)
     sn = np.concatenate([n for *_, n, _u in per]).astype(np.int64)
     c_all = np.zeros(len(sn))
     for s in range(0, len(sn), 2048):
         c_all[s:s + 2048] = _score_across_layers(trace, sl[s:s + 2048], sn[s:s + 2048], w, t, R)[0]
     ul = np.concatenate([np.full(len(u_), i) for i, (*_, u_) in enumerate(per)]).astype(np.int64)
-    un = np.concatenate([u_ for *_, u_ in per]).astype(np.int64)
-    if trace.model.dtype == np.float64:                 # exact C in the working dtype: one pass over W_U
-        c_und_all = bounds.increase64_layers(trace, ul, un, w, t, R)
-    else:   # scored in the working dtype; re-scored in float64 only within rounding of +-tau (class_values)
-        c_und_all = np.zeros(len(un))
-        for s in range(0, len(un), 2048):
-            c_und_all[s:s + 2048] = _score_across_layers(trace, ul[s:s + 2048], un[s:s + 2048], w, t, R)[0]
+    c_und_all = bounds.increase64_layers(trace, ul, np.concatenate([u_ for *_, u_ in per]).astype(np.int64),
+                                         w, t, R)                             # one pass over W_U for all layers
     out = []
     for i, (lo, up, hel, unh, share_only, und) in enumerate(per):
         need = np.concatenate([share_only, und])
         c_und = c_und_all[ul == i]
-        if trace.model.dtype != np.float64 and len(und):
-            c_und = bounds.class_values(trace, i, w, t, R, und, c_und, tau)
         cls_scored = np.concatenate([np.asarray(c_all[sl == i], np.float64), c_und])
         cls = np.where(hel, np.inf, np.where(unh, -np.inf, 0.0))              # decided by the brackets
         cls[und] = c_und                                                      # decided by the exact C
