@@ -191,3 +191,20 @@ def test_stale_cache_warns_and_prepare_rebuilds_it(capfd, llama):
     assert cli(capfd, "prepare", "--model", llama)[0] == 0
     rc, out, err = cli(capfd, "locate", "--model", llama, "--ids", "1,5,9")
     assert rc == 0 and err == "", err
+
+
+def test_prepare_never_writes_or_removes_through_a_linked_cache_folder(tmp_path, capfd, embedded_copy):
+    """cache/ a symbolic link to a folder of the user's: prepare refuses (one error line) and
+    neither replaces nor adds a file there."""
+    from tests.test_robustness import assert_one_error_line
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "ranges-frozen-float64.npz").write_text("mine")
+    (theirs / "notes.txt").write_text("mine too")
+    shutil.rmtree(embedded_copy / "cache", ignore_errors=True)
+    os.symlink(theirs, embedded_copy / "cache")
+    rc, out, err = cli(capfd, "prepare", "--model", embedded_copy, "--quiet")
+    assert_one_error_line(rc, err, "symbolic link")
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "ranges-frozen-float64.npz"]
+    assert (theirs / "ranges-frozen-float64.npz").read_text() == "mine"
+    assert (theirs / "notes.txt").read_text() == "mine too"
