@@ -568,6 +568,8 @@ CANONICAL_CASES = {
     "config-other-format": ("config.json", {"format": "something-else"}),
     "config-gated-without-gate": ("config.json", {"gated_ffn": True}),
     "config-missing-field": ("config.json", "drop-d_model"),
+    "config-no-format": ("config.json", "drop-format"),
+    "config-no-format-version": ("config.json", "drop-format_version"),
     "config-missing": ("config.json", "delete"),
     "weights-header-cut": ("model.safetensors", "mid-header"),
     "weights-data-cut": ("model.safetensors", ("cut", -4)),
@@ -590,9 +592,9 @@ def _damage_canonical(d: Path, fname: str, how):
         f.unlink()
     elif how == "mid-header":
         damage(f, ("cut", 8 + st_header_len(f) // 2))
-    elif how == "drop-d_model":
+    elif how.startswith("drop-") if isinstance(how, str) else False:
         c = json.loads(f.read_text())
-        del c["d_model"]
+        del c[how[len("drop-"):]]
         f.write_text(json.dumps(c))
     elif how == "reshape":
         t, _ = read_header(str(f))
