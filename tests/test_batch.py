@@ -282,6 +282,7 @@ def test_shipped_prompt_files_are_the_embedded_models_facts():
     ('{"promt": "The capital of France is"}\n', "p.jsonl", "p.jsonl line 1: unknown key 'promt'"),
     ("prompt,tagret\nThe capital of France is,Paris\n", "p.csv", "p.csv line 1: unknown column 'tagret'"),
     ("target\nParis\n", "p.csv", "no `prompt` column"),
+    ('id,prompt\na,"The capital of France is\nb,x\n', "p.csv", "p.csv line 2: not CSV (a quoted field"),
     ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "p.jsonl", "two prompts have the id 1"),
     ('{"prompt": "  "}\n', "p.jsonl", "line 1: the prompt is empty"),
     ("\n\n", "p.txt", "no prompts in the file"),
