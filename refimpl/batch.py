@@ -63,6 +63,45 @@ def model_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _model_files(path: str) -> list[str]:
+    """The files of a model folder a batch's records depend on: config.json, the weights, the tokenizer."""
+    return ["config.json"] + sorted(f for f in os.listdir(path)
+                                    if f.endswith((".safetensors", ".json")) and f != "config.json")
+
+
+def file_identities(path: str) -> dict:
+    """{file: {bytes, mtime_ns, ctime_ns, inode}} of the model's files (stat only)."""
+    from .cache import identity
+    return {f: identity(os.path.join(path, f)) for f in _model_files(path)}
+
+
+def check_model_files(path: str, old: dict, prog) -> dict | None:
+    """A batch that resumes trusts its records only if the model's files are still the ones
+    they were made from. The digest names the files by the sha256 config.json records for
+    them (not re-hashed on every run), so OUT's manifest also records each file's identity
+    (size, mtime, ctime, inode). If any changed, the files are hashed again: the same bytes
+    as config.json records -> the new identities are recorded and the batch goes on; other
+    bytes (an ablation edited in place, a damaged file) -> an error, never stale records.
+    Returns the new identities when they had to be re-checked (None when unchanged)."""
+    from .files import read_bytes, sha256_file
+    now = file_identities(path)
+    if old.get("files") == now:
+        return None
+    try:
+        recorded = json.loads(read_bytes(os.path.join(path, "config.json"), "json")).get("files")
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        return now                      # the digest itself hashed every file's content
+    prog.note("the model's files changed on disk since the records were made: checking their content")
+    for f in now:
+        if f in recorded and sha256_file(os.path.join(path, f)) != recorded[f]:
+            raise RefimplError(f"{os.path.join(path, f)}: changed since the records of this --out were made "
+                               f"(its sha256 is not the one config.json records); they would be stale: "
+                               f"restore the file, or give another --out")
+    return now
+
+
 def normalize_options(options: dict) -> dict:
     """The analysis options of a batch (OPTION_DEFAULTS' keys), checked."""
     unknown = set(options) - set(OPTION_DEFAULTS)
@@ -245,7 +284,8 @@ def encode(record: dict) -> str:
 
 def manifest(model, digest: str, options: dict, prompts: str | None) -> dict:
     return {**output.base("batch"), "model": {**output.model_info(model), "digest": digest},
-            "options": options, "prompts": os.path.abspath(prompts) if prompts else None}
+            "options": options, "prompts": os.path.abspath(prompts) if prompts else None,
+            "files": file_identities(model.path)}
 
 
 def _describe_difference(old: dict, new: dict) -> str:
@@ -387,6 +427,10 @@ def run_batch(prompts: str, model_path: str | None, out: str, options: dict | No
         old = check_out(out, new)                       # again, now that we hold the lock
         if old is None:
             write_atomic(os.path.join(out, MANIFEST), json.dumps(new, indent=1) + "\n")
+        else:
+            files = check_model_files(model_dir, old, prog)
+            if files is not None:
+                write_atomic(os.path.join(out, MANIFEST), json.dumps({**old, "files": files}, indent=1) + "\n")
         done = {r["key"] for r in read_results(out, repair=True)}
         keys = [record_key(it, options, digest) for it in items]
         todo, dup = [], set()

@@ -120,7 +120,7 @@ def read_prompts(path: str, fmt: str = "auto") -> list[dict]:
                 raise RefimplError(f"{where}: not a JSON object")
             items.append(_item(where, d, n))
     elif fmt == "csv":
-        rows = csv.reader(io.StringIO(text, newline=""))
+        rows = csv.reader(io.StringIO(text, newline=""), strict=True)      # an unclosed quote is an error
         try:
             header = next(rows)
         except StopIteration:
@@ -134,9 +134,10 @@ def read_prompts(path: str, fmt: str = "auto") -> list[dict]:
             raise RefimplError(f"{path} line 1: no `prompt` column (the header is {short(','.join(header), 80)})")
         if len(set(header)) != len(header):
             raise RefimplError(f"{path} line 1: a column is named twice")
+        start = rows.line_num + 1                   # the line where the row being read starts
         try:
             for row in rows:
-                n = rows.line_num
+                n, start = start, rows.line_num + 1
                 if not any(c.strip() for c in row):
                     continue
                 if len(row) != len(header):
@@ -146,7 +147,10 @@ def read_prompts(path: str, fmt: str = "auto") -> list[dict]:
                     d.pop("id", None)
                 items.append(_item(f"{path} line {n}", d, n))
         except csv.Error as e:
-            raise RefimplError(f"{path} line {rows.line_num}: not CSV ({e})") from None
+            if "unexpected end of data" in str(e):
+                raise RefimplError(f"{path} line {start}: not CSV (a quoted field opened on this row is never "
+                                   f"closed: it would swallow every line after it)") from None
+            raise RefimplError(f"{path} line {start}: not CSV ({e})") from None
     elif fmt == "json":
         try:
             doc = json.loads(text)

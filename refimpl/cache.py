@@ -144,6 +144,7 @@ def read_manifest(folder: str, entry: str) -> dict | None:
 
 def _atomic_write(folder: str, name: str, write) -> dict:
     """Write `folder/name` atomically (temporary file + rename; umask permissions); its record."""
+    real_folder(folder)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -227,6 +228,7 @@ def free_bytes(folder: str) -> int:
 
 def check_space(folder: str, need: int, prog) -> None:
     """Say how much will be written, and refuse before writing when the disk cannot hold it."""
+    real_folder(folder)
     free = free_bytes(folder)
     prog.note(f"will write {need / 1e9:.2f} GB to {folder} ({free / 1e9:.1f} GB free)")
     if need > free - (64 << 20):
@@ -234,8 +236,17 @@ def check_space(folder: str, need: int, prog) -> None:
                            f"nothing was written")
 
 
+def real_folder(folder: str) -> None:
+    """A cache folder that is a symbolic link is refused: derived data is written and removed
+    only in a real folder, never through a link to somewhere else (whose files it could replace)."""
+    if os.path.islink(folder):
+        raise RefimplError(f"{folder}: is a symbolic link (to {os.readlink(folder)}); refimpl writes and removes "
+                           f"derived data only in a real folder: remove the link (nothing was changed)")
+
+
 def remove_entry(folder: str, entry: str, keep: set = frozenset()) -> None:
     """Remove an entry's manifest and payload files (names it lists or that follow its pattern)."""
+    real_folder(folder)
     prefix = entry + "."
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if name in keep or not is_cache_name(name):

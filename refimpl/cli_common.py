@@ -56,13 +56,17 @@ def positive_int(s: str) -> int:
 
 
 def parse_ids(s: str) -> list[int]:
-    try:
-        ids = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise RefimplError(f"--ids must be comma-separated integers, got {s!r}") from None
-    if not ids:
+    """--ids: ASCII decimal integers separated by commas (spaces allowed around them); an empty
+    item ("5,,9", a trailing comma) or any other digit (Python's int() also reads "٥") is refused."""
+    import re
+    if not s.strip():
         raise RefimplError("--ids is empty")
-    return ids
+    items = [x.strip() for x in s.split(",")]
+    bad = next((x for x in items if not re.fullmatch(r"[+-]?[0-9]+", x, flags=re.ASCII)), None)
+    if bad is not None:
+        what = "an empty item" if bad == "" else f"{bad!r}"
+        raise RefimplError(f"--ids must be comma-separated integers, got {s!r} ({what})")
+    return [int(x) for x in items]
 
 
 def open_model(args):

@@ -265,9 +265,12 @@ def read_config(model_dir: str) -> Config:
     path = os.path.join(model_dir, "config.json")
     d = read_json_object(path, f"{model_dir}: not a converted model directory (no config.json); "
                                f"run `refimpl convert` first")
-    if d.get("format") not in (None, "refimpl-canonical"):
+    if "format" not in d or "format_version" not in d:
+        raise FormatError(f"{path}: not a refimpl canonical config (no {'format' if 'format' not in d else 'format_version'}"
+                          f" field; `refimpl convert` writes format \"refimpl-canonical\", format_version 1)")
+    if d.get("format") != "refimpl-canonical":
         raise FormatError(f"{path}: not a refimpl canonical config (format={short(d.get('format'))})")
-    if d.get("format_version", 1) != 1 or isinstance(d.get("format_version"), bool):
+    if d.get("format_version") != 1 or isinstance(d.get("format_version"), bool):
         raise FormatError(f"{path}: format_version {short(d.get('format_version'))} is not one this refimpl "
                           f"reads (1)")
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -465,4 +466,43 @@ def load(path: str, dtype: str = "float64", cache_bytes: int = 1 << 30) -> Model
     if not os.path.isdir(path):
         raise RefimplError(f"{path}: model directory not found")
     cfg = read_config(check_converted(path))
-    return Model(path, cfg, _index_tensors(path), dtype=dtype, cache_bytes=cache_bytes)
+    model = Model(path, cfg, _index_tensors(path), dtype=dtype, cache_bytes=cache_bytes)
+    edited = recorded_hash_mismatches(path)
+    if edited.get("tokenizer.json"):
+        model.tokenizer                         # an unusable tokenizer is refused first: no warning precedes an error
+    for msg in edited.values():
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    return model
+
+
+def recorded_hash_mismatches(path: str) -> dict:
+    """The small files a conversion records are checked on every load (milliseconds): config.json
+    against the config_sha256 recorded in it, tokenizer.json against its sha256 in `files`.
+    Returns {file: message} for those edited since. `load` warns (an edited config may be an
+    experiment): the results are then those of the edited model, and say so. The weight files
+    are checked by `refimpl verify` (hashing gigabytes on every load would cost seconds)."""
+    import hashlib
+    from .config import config_digest
+    from .files import read_bytes
+    out = {}
+    try:
+        raw = json.loads(read_bytes(os.path.join(path, "config.json"), "json"))
+    except (FormatError, OSError, ValueError):
+        return out                                          # read_config has read it; nothing to add
+    if isinstance(raw.get("config_sha256"), str) and config_digest(raw) != raw["config_sha256"]:
+        out["config.json"] = (f"{os.path.join(path, 'config.json')}: edited since conversion (its content no longer "
+                              f"matches the config_sha256 recorded in it): the results are those of the edited "
+                              f"model; `refimpl verify {path}` lists what differs")
+    files = raw.get("files")
+    want = files.get("tokenizer.json") if isinstance(files, dict) else None
+    if not isinstance(want, str):
+        return out
+    tok = os.path.join(path, "tokenizer.json")
+    try:
+        got = hashlib.sha256(read_bytes(tok, "tokenizer")).hexdigest()
+    except (FormatError, OSError):
+        return out                                          # reported when the tokenizer is loaded
+    if got != want:
+        out["tokenizer.json"] = (f"{tok}: not the tokenizer recorded at conversion (its sha256 differs): token ids "
+                                 f"and texts may not be the model's; `refimpl verify {path}` lists what differs")
+    return out

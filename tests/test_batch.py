@@ -282,6 +282,7 @@ def test_shipped_prompt_files_are_the_embedded_models_facts():
     ('{"promt": "The capital of France is"}\n', "p.jsonl", "p.jsonl line 1: unknown key 'promt'"),
     ("prompt,tagret\nThe capital of France is,Paris\n", "p.csv", "p.csv line 1: unknown column 'tagret'"),
     ("target\nParis\n", "p.csv", "no `prompt` column"),
+    ('id,prompt\na,"The capital of France is\nb,x\n', "p.csv", "p.csv line 2: not CSV (a quoted field"),
     ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "p.jsonl", "two prompts have the id 1"),
     ('{"prompt": "  "}\n', "p.jsonl", "line 1: the prompt is empty"),
     ("\n\n", "p.txt", "no prompts in the file"),
@@ -493,3 +494,37 @@ def test_plots_draw_each_group(tmp_path):
     assert set(s["figures"]) == {n[:-4] for n in names}
     for n in names:
         assert (tmp_path / "out" / "figures" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _zero_tensor_in_place(path, name):
+    """Overwrite one tensor's bytes of a safetensors file with zeros (same size: an ablation)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        a, b = header[name]["data_offsets"]
+        f.seek(8 + n + a)
+        f.write(bytes(b - a))
+
+
+def test_a_model_edited_in_place_is_not_resumed_with_stale_records(tmp_path, capfd):
+    """The digest names the files by the sha256 config.json records; a weight file edited in
+    place after the records were made (every W_out zeroed) must not let the rerun skip them."""
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(EMBEDDED, model)
+    prompts = write_jsonl(tmp_path / "p.jsonl", ITEMS[:1])
+    out = tmp_path / "out"
+    assert batch.run_batch(prompts, str(model), str(out))["done"] == 1
+    os.utime(model / "model.safetensors")                     # touched only: same bytes, resumed
+    rc, o, err = cli(capfd, "batch", prompts, "--model", model, "--out", out, "--quiet")
+    assert rc == 0 and "already done" in o, (o, err)
+    n_layers = json.loads((model / "config.json").read_text())["n_layers"]
+    for i in range(n_layers):
+        _zero_tensor_in_place(model / "model.safetensors", f"blocks.{i}.mlp.W_out")
+    before = hashes(out / "results.jsonl")
+    rc, o, err = cli(capfd, "batch", prompts, "--model", model, "--out", out, "--quiet")
+    assert_one_error_line(rc, err, str(model / "model.safetensors"), "stale")
+    assert hashes(out / "results.jsonl") == before
+    fresh = batch.run_batch(prompts, str(model), str(tmp_path / "out2"))
+    assert fresh["done"] == 1
+    assert records(tmp_path / "out2")[0]["prediction"] != records(out)[0]["prediction"]

@@ -191,3 +191,43 @@ def test_stale_cache_warns_and_prepare_rebuilds_it(capfd, llama):
     assert cli(capfd, "prepare", "--model", llama)[0] == 0
     rc, out, err = cli(capfd, "locate", "--model", llama, "--ids", "1,5,9")
     assert rc == 0 and err == "", err
+
+
+def test_prepare_never_writes_or_removes_through_a_linked_cache_folder(tmp_path, capfd, embedded_copy):
+    """cache/ a symbolic link to a folder of the user's: prepare refuses (one error line) and
+    neither replaces nor adds a file there."""
+    from tests.test_robustness import assert_one_error_line
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "ranges-frozen-float64.npz").write_text("mine")
+    (theirs / "notes.txt").write_text("mine too")
+    shutil.rmtree(embedded_copy / "cache", ignore_errors=True)
+    os.symlink(theirs, embedded_copy / "cache")
+    rc, out, err = cli(capfd, "prepare", "--model", embedded_copy, "--quiet")
+    assert_one_error_line(rc, err, "symbolic link")
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "ranges-frozen-float64.npz"]
+    assert (theirs / "ranges-frozen-float64.npz").read_text() == "mine"
+    assert (theirs / "notes.txt").read_text() == "mine too"
+
+
+@pytest.mark.parametrize("edit", ["norm_eps", "act", "tokenizer-swap"])
+def test_an_edited_config_or_tokenizer_is_said_on_every_load(tmp_path, capfd, embedded_copy, edit):
+    """config.json is checked against the config_sha256 recorded in it and tokenizer.json against
+    its recorded sha256 on every load: the run goes on (an edit may be an experiment) but says so."""
+    if edit == "tokenizer-swap":
+        p = embedded_copy / "tokenizer.json"
+        t = json.loads(p.read_text())
+        v = t["model"]["vocab"]
+        v["Paris"], v["London"] = v["London"], v["Paris"]
+        p.write_text(json.dumps(t))
+        needle = "tokenizer.json: not the tokenizer recorded at conversion"
+    else:
+        p = embedded_copy / "config.json"
+        c = json.loads(p.read_text())
+        c[edit] = 0.5 if edit == "norm_eps" else "relu"
+        p.write_text(json.dumps(c))
+        needle = "config.json: edited since conversion"
+    rc, out, err = cli(capfd, "locate", "The capital of France is", "--model", embedded_copy)
+    assert rc == 0 and err.count("warning: ") == 1 and needle in err, err
+    rc, out, err = cli(capfd, "locate", "The capital of France is", "--model", embedded_copy, "--json")
+    assert rc == 0 and any(needle in w for w in json.loads(out)["warnings"]), out
