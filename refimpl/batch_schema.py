@@ -17,7 +17,7 @@ import copy
 import os
 
 from .output import SCHEMA_DIR, SCHEMA_VERSION
-from .schema_defs import BOOL, INT, NAT, NUM, STR, STRS, arr, nullable, obj, render
+from .schema_defs import BOOL, INT, NAT, NUM, STR, STRS, arr, nullable, obj
 from .schema_defs import build as build_commands
 
 DIR = os.path.join(SCHEMA_DIR, "batch")
@@ -72,14 +72,8 @@ def build() -> dict[str, dict]:
 
 
 def write(directory: str = DIR) -> list[str]:
-    os.makedirs(directory, exist_ok=True)
-    out = []
-    for name, s in build().items():
-        path = os.path.join(directory, f"{name}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(render(s))
-        out.append(path)
-    return out
+    from .schema_defs import write_schemas
+    return write_schemas(build(), directory)
 
 
 if __name__ == "__main__":

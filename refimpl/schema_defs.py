@@ -207,15 +207,20 @@ def build() -> dict[str, dict]:
     return S
 
 
-def write(directory: str = SCHEMA_DIR) -> list[str]:
+def write_schemas(schemas: dict, directory: str) -> list[str]:
+    """Write each schema as directory/<name>.json; the paths written."""
     os.makedirs(directory, exist_ok=True)
     out = []
-    for name, s in build().items():
+    for name, s in schemas.items():
         path = os.path.join(directory, f"{name}.json")
         with open(path, "w", encoding="utf-8") as f:
             f.write(render(s))
         out.append(path)
     return out
+
+
+def write(directory: str = SCHEMA_DIR) -> list[str]:
+    return write_schemas(build(), directory)
 
 
 def render(s: dict) -> str:
