@@ -310,7 +310,33 @@ def open_weights(model):
         warnings.warn(f"{os.path.join(folder, weights_entry(model))}: does not match the model's tensors; not "
                       f"used; run `refimpl prepare` to rebuild it", stacklevel=3)
         return None
+    bad = spot_check(model, tensors)
+    if bad is not None:
+        warnings.warn(f"{os.path.join(folder, weights_entry(model))}: {bad} differs from the model's own value "
+                      f"(a spot check); not used; run `refimpl prepare` to rebuild it", stacklevel=3)
+        return None
     return tensors
+
+
+def spot_check(model, copy: dict, per_tensor: int = 8) -> str | None:
+    """Compare the weight copy with the model at `per_tensor` positions of every tensor, drawn
+    afresh on every use (so a copy doctored together with its record cannot know where it is
+    looked at): the copy must hold the stored value widened exactly. Returns the first
+    tensor[index] that differs, or None. Milliseconds: a few pages of each file."""
+    from .safetensors_io import bf16_to_f32
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    for name, st in model.tensors.items():
+        n = int(np.prod(st.shape, dtype=np.int64))
+        if n == 0:
+            continue
+        idx = rng.integers(0, n, size=min(per_tensor, n))
+        stored = np.asarray(st.raw()).reshape(-1)[idx]
+        want = (bf16_to_f32(stored) if st.dtype == "BF16" else stored).astype(model.dtype)
+        got = np.asarray(copy[name].raw()).reshape(-1)[idx]
+        diff = ~((got == want) | (np.isnan(got) & np.isnan(want)))
+        if diff.any():
+            return f"{name}[flat {int(idx[np.argmax(diff)])}]"
+    return None
 
 
 def weights_bytes(model) -> int:

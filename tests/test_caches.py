@@ -122,6 +122,27 @@ def test_doctored_weight_copy_with_its_record_rewritten_is_caught_by_verify(capf
     assert rc == 2 and "differs from the model's weights" in out and part.name in out, out
 
 
+def test_doctored_weight_copy_with_its_record_rewritten_is_not_used(tmp_path, capfd, llama):
+    """The same doctoring (every value of a tensor changed, the record rewritten to match)
+    passes the stat and hash checks, but the spot check of every tensor on each use sees it:
+    the copy is not used (a warning) and the answer is the model's own."""
+    from refimpl import cache
+    assert cli(capfd, "prepare", "--model", llama)[0] == 0
+    man = llama / "cache" / "weights-float64.json"
+    m = json.loads(man.read_text())
+    part = next(p for p in _cache_files(llama, ".safetensors") if "unembed.W_U" in _header(p)[0])
+    _edit_tensor(part, lambda n: n == "unembed.W_U", lambda a: np.zeros_like(a))
+    for r in m["payloads"]:
+        if r["name"] == part.name:
+            r.update(cache.identity(str(part)), sha256=cache.sha256_file(str(part)))
+    man.write_text(json.dumps(m))
+    rc, out, err = cli(capfd, "locate", "--model", llama, "--ids", "1,5,9,3", "--json")
+    assert rc == 0 and "a spot check" in err and "unembed.W_U" in err, err
+    got = json.loads(out)
+    truth = _locate(capfd, _fresh_copy(llama, tmp_path / "oracle"), "--ids", "1,5,9,3")
+    assert got["prediction"] == truth["prediction"] and got["layers"] == truth["layers"]
+
+
 @pytest.fixture
 def embedded_copy(tmp_path):
     """The shipped model in a writable folder, so its cache/ sits beside it."""
