@@ -44,6 +44,12 @@ TRACE_BUDGET = 2 << 30          # bytes of forward-pass traces held at once by o
 
 # --- identity: the model's digest, the options, a prompt's key ---------------------------------
 
+def _model_files(path: str) -> list[str]:
+    """The files of a model folder a batch's records depend on: config.json, the weights, the tokenizer."""
+    return ["config.json"] + sorted(f for f in os.listdir(path)
+                                    if f.endswith((".safetensors", ".json")) and f != "config.json")
+
+
 def model_digest(path: str) -> str:
     """sha256 naming the model's exact files: of config.json's bytes when it records the sha256
     of every weight and tokenizer file (refimpl convert does), else of config.json and every
@@ -55,18 +61,12 @@ def model_digest(path: str) -> str:
         recorded = json.loads(raw).get("files")
     except ValueError:
         recorded = None
-    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".json")) and f != "config.json")
+    files = _model_files(path)[1:]
     if isinstance(recorded, dict) and all(f in recorded for f in files if f != "model.safetensors.index.json"):
         return h.hexdigest()
     for f in files:
         h.update(f.encode() + b"\0" + sha256_file(os.path.join(path, f)).encode())
     return h.hexdigest()
-
-
-def _model_files(path: str) -> list[str]:
-    """The files of a model folder a batch's records depend on: config.json, the weights, the tokenizer."""
-    return ["config.json"] + sorted(f for f in os.listdir(path)
-                                    if f.endswith((".safetensors", ".json")) and f != "config.json")
 
 
 def file_identities(path: str) -> dict:
