@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blas import one_blas_thread
 from .errors import RefimplError
 from .readout import Readout
-from .safetensors_io import bf16_to_f32
 
 RANGE_SAFETY = 1e-9          # ranges are inflated by this relative amount (rounding in their computation)
 
@@ -157,22 +157,6 @@ def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
     return ranges
 
 
-def _matvec_rows(model, name: str, g: np.ndarray, block: int = 2048) -> np.ndarray:
-    """W @ g for W = model weight `name` [F, d], widening `block` rows at a time into one
-    reused buffer when the tensor is not cached (no full-size copy of a large layer)."""
-    if name in model._cache or model.upcast_cache is not None or model._fits_cache():
-        return model.weight(name) @ g
-    st = model.tensors[name]
-    raw, out = st.raw(), np.empty(st.shape[0], model.dtype)
-    buf = np.empty((min(block, st.shape[0]), st.shape[1]), model.dtype)
-    for a in range(0, st.shape[0], block):
-        rows = raw[a:a + block]
-        n = rows.shape[0]
-        buf[:n] = rows if st.dtype != "BF16" else bf16_to_f32(rows)
-        out[a:a + n] = buf[:n] @ g
-    return out
-
-
 def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = None):
     """(upper [F], lower [F] or None) on C of every FFN subvalue of layer i at position t."""
     m = trace.layers[i].m[t]                                                 # [F]
@@ -184,7 +168,7 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
         if gkey not in memo:
             memo[gkey] = g_vector(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
         g = memo[gkey][i]
-        upper = memo[key] = m * _matvec_rows(trace.model, f"blocks.{i}.mlp.W_out", g)   # [F]
+        upper = memo[key] = m * trace.model.matvec(f"blocks.{i}.mlp.W_out", g)   # [F]
     if ranges is None:
         return upper, None
     slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0
@@ -204,32 +188,41 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
 # model and part, one ||y|| per neuron (||y|| <= |m_k| ||fc2_k|| max|gamma| / scale).
 
 def _part_matrix_columns(R: Readout, part: Part):
-    """Yield blocks [d, n] of the part's score map (columns: one per softmax entry)."""
+    """Yield blocks [n, d] (float64) of the part's score map, one row per softmax entry (a column
+    of the map). The plain unembedding is read from its stored values (rounded to the compute
+    dtype, as Model.weight has them, then widened exactly), never through the weight cache, so
+    model_constants can run beside the forward pass."""
     m, d = R.model, R.model.cfg.d_model
     if part.name == "vocab":
-        W = m.weight("unembed.W_U")                                          # [d, V]
-        for s in range(0, W.shape[1], 8192):
-            yield np.asarray(W[:, s:s + 8192], np.float64)
+        Ws = m.stored("unembed.W_U")                                         # [d, V] memory map (or a tie's view)
+        for s in range(0, Ws.shape[1], 4096):
+            blk = np.asarray(Ws[:, s:s + 4096], m.dtype)                     # [d, n] as the weights are
+            yield np.asarray(blk, np.float64).T                              # [n, d]
         return
     eye = np.eye(d, dtype=m.dtype)                                           # scores of unit vectors
-    yield np.concatenate([np.asarray(part.scores(eye[s:s + 256]), np.float64) for s in range(0, d, 256)], 0)
+    yield np.concatenate([np.asarray(part.scores(eye[s:s + 256]), np.float64) for s in range(0, d, 256)], 0).T
 
 
 def readout_constants(R: Readout, w: int) -> list[tuple[float, float]]:
     """Per part of target w: (B^2, W) with B = max centred column norm of the part's score map
     (the slack) and W = max uncentred column norm (rounding margins), in float64, inflated
-    for their own rounding. Memoised on the model."""
+    for their own rounding (d eps of a sum of d squares). Any centre c gives a valid B (the
+    scores' range is that of (a_j - c) . y); c is the columns' mean. Memoised on the model."""
     memo = R.model.__dict__.setdefault("_readout_constants", {})
     out = []
     for part in parts(R, w):
         key = (part.name,)
         if key not in memo:
-            blocks = list(_part_matrix_columns(R, part))
-            total = sum(b.sum(1) for b in blocks)
-            n = sum(b.shape[1] for b in blocks)
+            total, n, W2 = 0.0, 0, 0.0
+            for b in _part_matrix_columns(R, part):                          # [n_b, d]
+                total = total + b.sum(0)
+                n += b.shape[0]
+                W2 = max(W2, float(np.einsum("ij,ij->i", b, b).max()))
             mu = total / n                                                   # [d] mean column
-            B2 = max(float(((b - mu[:, None]) ** 2).sum(0).max()) for b in blocks)
-            W2 = max(float((b ** 2).sum(0).max()) for b in blocks)
+            B2 = 0.0
+            for b in _part_matrix_columns(R, part):
+                c = b - mu                                                   # [n_b, d]
+                B2 = max(B2, float(np.einsum("ij,ij->i", c, c).max()))
             memo[key] = (B2 * (1 + 1e-12) + 1e-300, np.sqrt(W2) * (1 + 1e-12))
         out.append(memo[key])
     return out
@@ -240,32 +233,40 @@ def _centred_gram(R: Readout, part: Part) -> tuple[np.ndarray, float]:
     columns a_j (mu their mean), and a bound err on ||G - exact||_2. The plain unembedding is
     multiplied in float32 blocks of 1024 columns (exact float32 inputs: its stored values) and
     accumulated in float64: each block's product errs by at most gamma_1024 |W_b| |W_b|^T,
-    whose norm is at most gamma_1024 ||W_b||_F^2. Memoised on the model."""
+    whose norm is at most gamma_1024 ||W_b||_F^2. One BLAS thread, whatever the machine (the
+    products' last bits depend on OpenBLAS's thread count, and lambda goes into the share
+    brackets). Memoised on the model."""
     memo = R.model.__dict__.setdefault("_centred_gram", {})
     if part.name in memo:
         return memo[part.name]
     m = R.model
-    if part.name == "vocab" and m.tensors[m._resolve("unembed.W_U")[0]].dtype in ("F32", "F16", "BF16"):
-        W = m.stored("unembed.W_U")                                          # [d, V] stored values
-        d, V = W.shape
-        G, s1, fro = np.zeros((d, d)), np.zeros(d), 0.0
-        n_c = 1024
-        for s in range(0, V, n_c):
-            b = np.asarray(W[:, s:s + n_c], np.float32)                     # exact
-            G += b @ b.T                                                     # [d, d] float32 product
-            s1 += b.sum(1, dtype=np.float64)
-            fro += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
-        mu = s1 / V
-        G -= V * np.outer(mu, mu)
-        eps32 = float(np.finfo(np.float32).eps)
-        err = (n_c + 2) * eps32 * fro * 1.01 + 1e-12 * fro
-    else:
-        blocks = list(_part_matrix_columns(R, part))
-        n = sum(b.shape[1] for b in blocks)
-        mu = sum(b.sum(1) for b in blocks) / n
-        G = sum((b - mu[:, None]) @ (b - mu[:, None]).T for b in blocks)
-        fro = float(sum((b ** 2).sum() for b in blocks))
-        err = (n + 8) * float(np.finfo(np.float64).eps) * fro * 4 + 1e-300
+    with one_blas_thread():
+        if part.name == "vocab" and m.tensors[m._resolve("unembed.W_U")[0]].dtype in ("F32", "F16", "BF16") \
+                and m.dtype in (np.float32, np.float64):
+            W = m.stored("unembed.W_U")                                      # [d, V] stored values
+            d, V = W.shape
+            G, s1, fro = np.zeros((d, d)), np.zeros(d), 0.0
+            n_c = 1024
+            for s in range(0, V, n_c):
+                b = np.asarray(W[:, s:s + n_c], np.float32)                 # [d, n_c] exact
+                G += b @ b.T                                                 # [d, d] float32 product
+                s1 += b.sum(1, dtype=np.float64)
+                fro += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
+            mu = s1 / V
+            G -= V * np.outer(mu, mu)
+            eps32 = float(np.finfo(np.float32).eps)
+            err = (n_c + 2) * eps32 * fro * 1.01 + 1e-12 * fro
+        else:
+            d = m.cfg.d_model
+            G, s1, fro, n = np.zeros((d, d)), np.zeros(d), 0.0, 0
+            for b in _part_matrix_columns(R, part):                          # [n_b, d] float64
+                G += b.T @ b
+                s1 += b.sum(0)
+                fro += float(np.einsum("ij,ij->", b, b))
+                n += b.shape[0]
+            mu = s1 / n
+            G -= n * np.outer(mu, mu)
+            err = (n + 8) * float(np.finfo(np.float64).eps) * fro * 4 + 1e-300
     memo[part.name] = out = (G, err)
     return out
 
@@ -278,7 +279,6 @@ def gram_lambda(R: Readout, part: Part) -> float:
     memo = R.model.__dict__.setdefault("_gram_lambda", {})
     if key in memo:
         return memo[key]
-    import scipy.linalg
     G, err = _centred_gram(R, part)
     if R.has_norm:
         gam = np.asarray(R.gamma, np.float64)
@@ -288,11 +288,55 @@ def gram_lambda(R: Readout, part: Part) -> float:
             G = G - G.mean(0, keepdims=True)
             G = G - G.mean(1, keepdims=True)
     G = (G + G.T) / 2
-    # every eigenvalue (0.2 s for d = 1024; asking for the largest alone, subset_by_index, takes 10x longer)
-    lam = float(scipy.linalg.eigvalsh(G)[-1])
+    # every eigenvalue (0.1 s for d = 1024; scipy's eigh(subset_by_index) takes 10x longer), with
+    # NumPy's LAPACK on one BLAS thread (SciPy's OpenBLAS has its own thread count)
+    with one_blas_thread():
+        lam = float(np.linalg.eigvalsh(G)[-1])
     fro = float(np.sqrt((G ** 2).sum()))
     memo[key] = out = max(lam, 0.0) + err + 1e-9 * fro + 1e-300          # eigh: backward stable
     return out
+
+
+class ModelConstants:
+    """The per-model constants of the brackets (readout_constants and, spectral, gram_lambda:
+    one pass over the unembedding and its d x d Gram matrix, ~1-2 s for GPT2-medium) computed
+    on a thread of their own while the caller runs the forward pass and the analysis up to the
+    counts, which do not need them. Only for a plain softmax (its constants read the stored
+    unembedding, never the model's weight cache, which is not shared between threads); the
+    caller keeps the BLAS thread count at one until wait() (the constants' last bits must not
+    depend on it). wait() re-raises the thread's error."""
+
+    def __init__(self, model, kind: str, spectral: bool):
+        import threading
+        self.error = None
+        R = Readout(model, np.ones(model.cfg.d_model), kind)               # gamma read here (weight cache)
+
+        def work():
+            try:
+                readout_constants(R, 0)
+                if spectral:
+                    gram_lambda(R, parts(R, 0)[0])
+            except BaseException as e:                                       # re-raised by wait()
+                self.error = e
+        self.thread = threading.Thread(target=work, name="refimpl-constants", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def start(cls, model, kind: str, spectral: bool):
+        """A ModelConstants, or None where there is nothing to do (adaptive softmax, lens)."""
+        if model.cfg.unembedding == "adaptive" or kind == "lens":
+            return None
+        memo = model.__dict__
+        lam_key = ("vocab", "norm" if model.cfg.final_norm and kind != "raw" else "raw")
+        if ("vocab",) in memo.get("_readout_constants", {}) and (not spectral or lam_key in memo.get("_gram_lambda", {})):
+            return None
+        return cls(model, kind, spectral)
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
 
 
 def _row_norms(model, i: int) -> np.ndarray:
@@ -300,11 +344,27 @@ def _row_norms(model, i: int) -> np.ndarray:
     rounding of the sums of squares), memoised on the model."""
     memo = model.__dict__.setdefault("_fc2_norms", {})
     if i not in memo:
-        W = model.weight(f"blocks.{i}.mlp.W_out")                            # [F, d]
-        eps = np.finfo(W.dtype).eps
-        sq = np.einsum("ij,ij->i", W, W).astype(np.float64)
-        memo[i] = np.sqrt(sq * (1 + (W.shape[1] + 4) * eps)) * (1 + 4 * eps)
+        memo[i] = _out_pass(model, i, None)[1]
     return memo[i]
+
+
+def _out_pass(model, i: int, g: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(W_out g [F] or None, ||fc2_k|| [F]) in float64 for W_out [F, d] of layer i, in one pass
+    over its rows (Model.row_blocks: a layer the weight cache does not hold is not widened
+    whole). Products and sums of squares of the compute-dtype values, in float64."""
+    name = f"blocks.{i}.mlp.W_out"
+    F, d = model.cfg.d_ff, model.cfg.d_model
+    gv, sq = (None if g is None else np.empty(F)), np.empty(F)
+    for a0, blk in model.row_blocks(name):
+        for s in range(0, len(blk), 256):
+            b = blk[s:s + 256]
+            b64 = b if b.dtype == np.float64 else np.asarray(b, np.float64)  # [n_b, d] exact widening
+            a, n = a0 + s, len(b)
+            sq[a:a + n] = np.einsum("ij,ij->i", b64, b64)                    # [n_b]
+            if g is not None:
+                gv[a:a + n] = b64 @ g                                        # [n_b] float64 products
+    eps = float(np.finfo(np.float64).eps)
+    return gv, np.sqrt(sq * (1 + (d + 4) * eps)) * (1 + 4 * eps)
 
 
 def _g64(R: Readout, bases: np.ndarray, w: int) -> np.ndarray:
@@ -423,10 +483,10 @@ def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = Tru
         memo[gkey] = _g64(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
     g = memo[gkey][i]
     m = np.asarray(trace.layers[i].m[t], np.float64)                          # [F]
-    W = model.weight(f"blocks.{i}.mlp.W_out")                                # [F, d]
-    gv = W @ g if W.dtype == np.float64 else np.asarray(W, np.float64) @ g   # [F] float64 products
+    norms = model.__dict__.setdefault("_fc2_norms", {})
+    gv, wn = _out_pass(model, i, g)                                          # [F] float64 products, [F]
+    wn = norms.setdefault(i, wn)
     upper = m * gv
-    wn = _row_norms(model, i)
     y_norm = np.abs(m) * wn * _norm_factor(R) * (1 + 4 * np.finfo(model.dtype).eps)
     pkey = ("pmax", t, int(w))
     if pkey not in memo:                                                     # every part at every Lres_i

@@ -10,12 +10,15 @@ stable JSON contract of `refimpl locate --json`; `format_report` renders it as t
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
 import numpy as np
 
 from . import display, output, tracing
+from .blas import one_blas_thread
+from .bounds import ModelConstants
 from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
@@ -150,10 +153,24 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     (Fig. 10-11; default the runner-up). prepend_bos: the start token of a text prompt (None: the
     family's convention, Model.start_ids). trace: the forward pass of exactly this prompt, computed
     already (`forward.forward_many`, as `refimpl batch` does); the report is then the same."""
+    with contextlib.ExitStack() as one_thread:
+        # one BLAS thread up to the counts, whatever the machine: the forward pass always (its
+        # bits), the analysis while the counts' per-model constants are computed on the other
+        # core (bounds.ModelConstants); the same last bits with or without counts
+        one_thread.enter_context(one_blas_thread())
+        return _locate(model, prompt_or_ids, target, target_id, position, top, readout, exhaustive, counts,
+                       versus, versus_id, prepend_bos, negligible, share, trace, one_thread)
+
+
+def _locate(model, prompt_or_ids, target, target_id, position, top, readout, exhaustive, counts, versus,
+            versus_id, prepend_bos, negligible, share, trace, one_thread) -> dict:
     t0 = time.perf_counter()
     negligible = check_negligible(negligible)
     if share not in ("exact", "bound"):
         raise RefimplError(f"share must be exact or bound, got {share!r}")
+    background = ModelConstants.start(model, readout, spectral=share == "bound") if counts and not exhaustive else None
+    if background is not None:
+        one_thread.callback(background.thread.join)        # on an error: joined before the thread count is restored
     if trace is None:
         trace = run(model, prompt_or_ids, prepend_bos)     # one BLAS thread (forward_many)
     elif trace.model is not model or list(trace.ids) != list(run_ids(model, prompt_or_ids, prepend_bos)):
@@ -162,7 +179,7 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     notes = prompt_warnings(model, prompt_or_ids, prepend_bos)
     w = resolve_target(model, trace.log_probs[t], target, target_id, notes=notes)
     for msg in notes:                # unknown prompt words, target notes: listed in `warnings`, shown on stderr
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=3)
     if model.cfg.d_vocab > 1:
         b, how = resolve_versus(model, trace.log_probs[t], w, versus, versus_id)
     R = trace.readout(t, readout)
@@ -222,6 +239,9 @@ def locate(model, prompt_or_ids, target=None, target_id=None, position=None, top
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
     result["attn_neuron_scored"] = int(an["scored"])
+    if background is not None:
+        background.wait()
+    one_thread.close()                                       # the BLAS thread count as it was
     if counts:                       # "auto" (the default) is True: no prepared data needed (topk.ffn_counts)
         result["ffn_counts"] = ffn_counts(trace, w, t, R, exhaustive=exhaustive, negligible=negligible, share=share)
     if act is not None:

@@ -180,23 +180,42 @@ class Model:
             out = np.empty(st.shape, self.dtype)
         return st.cast_into(out)
 
-    def matvec(self, name: str, v: np.ndarray, block: int = 2048) -> np.ndarray:
-        """W @ v for a 2-d tensor W [n, m] in the compute dtype, widening `block` rows at a time
-        into one reused buffer when W is not cached (no full-size copy of a large layer)."""
+    def matvec(self, name: str, v: np.ndarray, block: int = 256) -> np.ndarray:
+        """W @ v for a 2-d tensor W [n, m] in the compute dtype (row_blocks: no full-size copy
+        of a large layer)."""
+        out = None
+        for a, b in self.row_blocks(name, block):
+            y = b @ v                                                        # [n_b]
+            if out is None:
+                out = np.empty((self._n_rows(name),) + y.shape[1:], y.dtype)
+            out[a:a + len(y)] = y
+        return out
+
+    def _n_rows(self, name: str) -> int:
+        src, transpose = self._resolve(name)
+        shape = self.tensors[src].shape
+        return shape[-1] if transpose else shape[0]
+
+    def row_blocks(self, name: str, block: int = 256):
+        """Yield (first row, rows [n_b, m] in the compute dtype) of a 2-d tensor: the whole
+        tensor at once when it is cached, prepared, stored in the compute dtype, transposed
+        (a tie) or when the whole model fits the weight cache (widened once, kept), else `block` rows at a time widened into one reused buffer (valid until the
+        next block), never cached: a single pass over a large layer that the weight cache
+        does not hold would otherwise widen and evict it."""
         src, transpose = self._resolve(name)
         st = self.tensors.get(src)
         if transpose or name in self._cache or st is None or st.dtype == NUMPY_TO_ST[self.dtype] \
-                or (self.upcast_cache is not None and src in self.upcast_cache) or len(st.shape) != 2:
-            return self.weight(name) @ v
+                or (self.upcast_cache is not None and src in self.upcast_cache) or len(st.shape) != 2 \
+                or self._fits_cache():
+            yield 0, self.weight(name)
+            return
         raw = st.raw()
-        out = np.empty(st.shape[0], np.result_type(self.dtype, v))
-        buf = np.empty((min(block, st.shape[0]), st.shape[1]), self.dtype)
+        buf = np.empty((min(block, st.shape[0]), st.shape[1]), self.dtype)  # [block, m]
         for a in range(0, st.shape[0], block):
             rows = raw[a:a + block]
             b = buf[:len(rows)]
             b[...] = rows if st.dtype != "BF16" else bf16_to_f32(rows)
-            out[a:a + len(rows)] = b @ v
-        return out
+            yield a, b
 
     def rows(self, name: str, idx) -> np.ndarray:
         """Rows `idx` of a tensor in the compute dtype (a copy), without converting the whole tensor."""

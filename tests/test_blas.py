@@ -55,3 +55,74 @@ def test_a_report_at_a_given_thread_count_is_reproduced(model):
         b = locate(model, p)
     a.pop("timing"), b.pop("timing")
     assert a == b
+
+
+# --- the counts' per-model constants (bounds.ModelConstants) -----------------------------------
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory):
+    """A GPT-2-shaped model whose unembedding is wide enough (4096 columns, d = 64) that
+    OpenBLAS's float32 Gram products differ in their last bits between 1 and 2 threads."""
+    if not blas._funcs():
+        pytest.skip("NumPy's BLAS is not OpenBLAS here: its thread count cannot be set")
+    from refimpl.synthetic import random_config, write_random_model
+    d = str(tmp_path_factory.mktemp("wide") / "m")
+    write_random_model(d, random_config("gpt2", n_layers=2, d_model=64, n_heads=4, d_ff=128, d_vocab=4096))
+    return d
+
+
+def _constants(path, threads):
+    from refimpl import bounds
+    from refimpl.readout import Readout
+    m = refimpl.load(path, dtype="float32")
+    R = Readout(m, np.ones(m.cfg.d_model), "frozen")
+    with blas.blas_threads(threads):
+        lam = bounds.gram_lambda(R, bounds.parts(R, 0)[0])
+        rc = bounds.readout_constants(R, 0)
+    return lam, rc, m
+
+
+def test_the_counts_constants_do_not_depend_on_the_thread_count(wide_vocab):
+    # the float32 Gram product itself does (so this test can fail: it did before the constants
+    # were computed on one thread)
+    W = refimpl.load(wide_vocab, dtype="float32").stored("unembed.W_U")[:, :1024]
+    b = np.asarray(W, np.float32)
+    with blas.blas_threads(1):
+        g1 = b @ b.T
+    with blas.blas_threads(2):
+        g2 = b @ b.T
+    assert not np.array_equal(g1, g2), "this OpenBLAS gives the same bits at 1 and 2 threads: nothing is tested"
+    lam1, rc1, _ = _constants(wide_vocab, 1)
+    lam2, rc2, _ = _constants(wide_vocab, 2)
+    assert lam1 == lam2 and rc1 == rc2
+
+
+def test_constants_computed_beside_the_forward_pass_are_the_standalone_ones(wide_vocab):
+    lam, rc, _ = _constants(wide_vocab, 2)
+    m = refimpl.load(wide_vocab, dtype="float32")
+    with blas.blas_threads(2):
+        r = locate(m, "t5 t9 t17 t3", share="bound")
+        assert blas.threads() == 2                                       # restored after the counts
+    assert m._gram_lambda[("vocab", "norm")] == lam and m._readout_constants[("vocab",)] == rc[0]
+    assert all(c["share"] == "bound" for c in r["ffn_counts"])
+
+
+def test_a_report_has_the_same_bits_with_and_without_counts(model):
+    p = PROMPTS[2]
+    a = locate(model, p, counts=False)
+    b = locate(model, p, share="bound")
+    for key in ("layers", "top_subvalues", "readout_log_prob", "bs_difference"):
+        assert a[key] == b[key], key
+
+
+def test_an_error_in_the_constants_reaches_the_caller_and_restores_the_thread_count(wide_vocab, monkeypatch):
+    from refimpl import bounds
+
+    def broken(R, w):
+        raise MemoryError("no room for the constants")
+    monkeypatch.setattr(bounds, "readout_constants", broken)
+    m = refimpl.load(wide_vocab, dtype="float32")
+    with blas.blas_threads(2):
+        with pytest.raises(MemoryError, match="no room"):
+            locate(m, "t5 t9 t17 t3")
+        assert blas.threads() == 2
