@@ -533,13 +533,15 @@ def increase64(trace, i: int, w: int, t: int, R: Readout, neurons: np.ndarray) -
 
 
 def increase64_layers(trace, layers: np.ndarray, neurons: np.ndarray, w: int, t: int, R: Readout,
-                      rows: int = 256) -> np.ndarray:
+                      rows: int | None = None) -> np.ndarray:
     """C [n] (Eq. 19) of the FFN subvalues (layers[j], neurons[j]), each over its own Lres_i,
     computed in float64 whatever the working dtype: the subvalues and the base states as the
     run computed them, the run's frozen scale, weights widened exactly (the plain unembedding
     a block of columns at a time, once per `rows` subvalues of all layers together, so no
-    float64 copy of it is kept)."""
+    float64 copy of it is kept; `rows` defaults to what fits 256 MB of float64 scores, so the
+    few hundred undecided subvalues of a report widen it once)."""
     layers, neurons = np.asarray(layers, np.int64), np.asarray(neurons, np.int64)
+    rows = rows or max(256, (256 << 20) // (8 * trace.model.cfg.d_vocab))
     t = t % trace.T
     out = np.empty(len(neurons))
     if len(neurons) == 0:
