@@ -8,9 +8,11 @@ BLAS thread and restores the count afterwards.
 The thread count is also part of what makes a result reproducible to the last bit: OpenBLAS
 splits some products differently with more threads (a [5, 1024] x [1024, 50257] product, or
 one row times a matrix, differs in the last bits between 1 and 2 threads here). So the forward
-pass always runs with one BLAS thread (whatever the machine), and a Dask worker of `refimpl
-batch` runs the analysis with the client's thread count (`blas_threads(n)`), so its records
-equal the client's own `refimpl locate` to the last bit. Where the library or its symbols are
+pass, `locate`'s analysis up to the per-layer counts and the counts' per-model constants
+(bounds.ModelConstants, computed meanwhile on the other core) always run with one BLAS thread
+(whatever the machine), and a Dask worker of `refimpl batch` runs the rest with the client's
+thread count (`blas_threads(n)`), so its records equal the client's own `refimpl locate` to
+the last bit. Where the library or its symbols are
 not found (another BLAS, another build) these do nothing.
 """
 from __future__ import annotations
