@@ -187,6 +187,26 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
 # part's input (the frozen-normalised v). So 0 <= R <= B^2 ||y||^2 / 2: one constant B per
 # model and part, one ||y|| per neuron (||y|| <= |m_k| ||fc2_k|| max|gamma| / scale).
 
+def column_blocks64(W: np.ndarray, n: int = 8192, dtype=None):
+    """Yield (first column, W[:, s:s + n] in float64) of a 2-d array, widened exactly into one
+    reused buffer in W's memory order (no fresh 64 MB array per block: their page faults cost
+    as much as the widening). `dtype`: round to it first (the compute dtype of a wider store).
+    Each block is valid until the next one."""
+    if W.dtype == np.float64 and (dtype is None or np.dtype(dtype) == np.float64):
+        for s in range(0, W.shape[1], n):
+            yield s, W[:, s:s + n]                                           # already float64: views
+        return
+    order = "F" if W.flags.f_contiguous and not W.flags.c_contiguous else "C"
+    buf = np.empty((W.shape[0], min(n, W.shape[1])), np.float64, order=order)   # [d, n]
+    for s in range(0, W.shape[1], n):
+        src = W[:, s:s + n]
+        if dtype is not None and np.dtype(dtype).itemsize < src.dtype.itemsize:
+            src = np.asarray(src, dtype)                                     # rounded as the weights are
+        b = buf[:, :src.shape[1]]
+        np.copyto(b, src)                                                    # exact widening
+        yield s, b
+
+
 def _part_matrix_columns(R: Readout, part: Part):
     """Yield blocks [n, d] (float64) of the part's score map, one row per softmax entry (a column
     of the map). The plain unembedding is read from its stored values (rounded to the compute
@@ -194,10 +214,8 @@ def _part_matrix_columns(R: Readout, part: Part):
     model_constants can run beside the forward pass."""
     m, d = R.model, R.model.cfg.d_model
     if part.name == "vocab":
-        Ws = m.stored("unembed.W_U")                                         # [d, V] memory map (or a tie's view)
-        for s in range(0, Ws.shape[1], 4096):
-            blk = np.asarray(Ws[:, s:s + 4096], m.dtype)                     # [d, n] as the weights are
-            yield np.asarray(blk, np.float64).T                              # [n, d]
+        for _, b in column_blocks64(m.stored("unembed.W_U"), 4096, m.dtype):   # [d, n] as the weights are
+            yield b.T                                                        # [n, d]
         return
     eye = np.eye(d, dtype=m.dtype)                                           # scores of unit vectors
     yield np.concatenate([np.asarray(part.scores(eye[s:s + 256]), np.float64) for s in range(0, d, 256)], 0).T
@@ -378,8 +396,8 @@ def _g64(R: Readout, bases: np.ndarray, w: int) -> np.ndarray:
         e[..., sel] += 1.0
         if part.name == "vocab":
             W = m.weight("unembed.W_U")                                      # [d, V]
-            for s in range(0, W.shape[1], 8192):
-                g += e[:, s:s + 8192] @ np.asarray(W[:, s:s + 8192], np.float64).T
+            for s, b in column_blocks64(W):                                  # [d, n]
+                g += e[:, s:s + b.shape[1]] @ b.T
         else:
             g += np.asarray(part.adjoint(e), np.float64)
     if R.has_norm:
@@ -467,6 +485,29 @@ def base_p_error(R: Readout, w: int, y_norm: np.ndarray, dtype) -> np.ndarray:
     return sum(eps * (4 * logv + 64) * Wm * y_norm for _, Wm in readout_constants(R, w))
 
 
+def bracket_parts(trace, i: int, w: int, t: int, R: Readout):
+    """What ffn_brackets needs besides the per-model constants, for layer i: (g [d] in float64
+    at Lres_i, W_out g [F], ||fc2_k|| [F], the largest probability of each part at Lres_i).
+    g and p_max are computed for every layer at once; memoised per trace. `locate` asks for
+    every layer while the per-model constants are computed (ModelConstants)."""
+    memo, t = R.trace_memo(trace), t % trace.T
+    key = ("bracket_parts", i, t, int(w))
+    if key not in memo:
+        model = trace.model
+        gkey = ("g64", t, int(w))
+        if gkey not in memo:
+            memo[gkey] = _g64(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
+        g = memo[gkey][i]
+        norms = model.__dict__.setdefault("_fc2_norms", {})
+        gv, wn = _out_pass(model, i, g)                                      # [F] float64 products, [F]
+        wn = norms.setdefault(i, wn)
+        pkey = ("pmax", t, int(w))
+        if pkey not in memo:                                                 # every part at every Lres_i
+            memo[pkey] = _pmax(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)
+        memo[key] = (g, gv, wn, [p[i] for p in memo[pkey]])
+    return memo[key]
+
+
 def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = True):
     """Certified (lower, upper) on the exact C of every FFN subvalue of layer i at position t
     (the subvalue as the trace computes it, m_k * fc2_k in the model's dtype), without any
@@ -478,20 +519,11 @@ def ffn_brackets(trace, i: int, w: int, t: int, R: Readout, spectral: bool = Tru
     if key in memo:
         return memo[key]
     model = trace.model
-    gkey = ("g64", t, int(w))
-    if gkey not in memo:
-        memo[gkey] = _g64(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
-    g = memo[gkey][i]
+    g, gv, wn, pmax = bracket_parts(trace, i, w, t, R)
     m = np.asarray(trace.layers[i].m[t], np.float64)                          # [F]
-    norms = model.__dict__.setdefault("_fc2_norms", {})
-    gv, wn = _out_pass(model, i, g)                                          # [F] float64 products, [F]
-    wn = norms.setdefault(i, wn)
     upper = m * gv
     y_norm = np.abs(m) * wn * _norm_factor(R) * (1 + 4 * np.finfo(model.dtype).eps)
-    pkey = ("pmax", t, int(w))
-    if pkey not in memo:                                                     # every part at every Lres_i
-        memo[pkey] = _pmax(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)
-    sl = slack(R, w, [p[i] for p in memo[pkey]], np.abs(m) * wn * (1 + 4 * np.finfo(model.dtype).eps), spectral)
+    sl = slack(R, w, pmax, np.abs(m) * wn * (1 + 4 * np.finfo(model.dtype).eps), spectral)
     eps_dt, eps64 = float(np.finfo(model.dtype).eps), float(np.finfo(np.float64).eps)
     gn = float(np.linalg.norm(g))
     d = model.cfg.d_model
@@ -576,8 +608,7 @@ def increase64_layers(trace, layers: np.ndarray, neurons: np.ndarray, w: int, t:
     for a in range(0, len(V), rows):
         u = np.empty((min(rows, len(V) - a), nV))                            # [c, V]
         z = np.empty((len(yb), nV)) if lp is None else None                   # [m, V]
-        for s_ in range(0, nV, B):
-            Wc = np.asarray(W[:, s_:s_ + B], np.float64)                      # [d, B] widened exactly
+        for s_, Wc in column_blocks64(W, B):                                 # [d, B] widened exactly
             if z is not None:
                 z[:, s_:s_ + B] = yb @ Wc
             u[:, s_:s_ + B] = Y[a:a + rows] @ Wc

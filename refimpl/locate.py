@@ -18,7 +18,7 @@ import numpy as np
 
 from . import display, output, tracing
 from .blas import one_blas_thread
-from .bounds import ModelConstants
+from .bounds import ModelConstants, bracket_parts
 from .compare import bs_difference_changes
 from .config import short
 from .decomposition import attn_neuron_coefficients, attn_neuron_subvalues
@@ -239,6 +239,11 @@ def _locate(model, prompt_or_ids, target, target_id, position, top, readout, exh
     result["ffn_scored"] = int(ffn["scored"])
     result["attn_scored"] = int(att["scored"])
     result["attn_neuron_scored"] = int(an["scored"])
+    if counts and not exhaustive and R.kind != "lens":
+        # the counts' prompt-dependent parts, while the per-model constants are computed (and
+        # always here, on one BLAS thread: the same bits whether or not the constants were known)
+        for i in range(model.cfg.n_layers):
+            bracket_parts(trace, i, w, t, R)
     if background is not None:
         background.wait()
     one_thread.close()                                       # the BLAS thread count as it was
