@@ -180,7 +180,8 @@ def test_ctrl_c_in_a_real_process(tmp_path, capfd, model):
               "from refimpl.cli import main\n"
               f"sys.exit(main(['prepare', '--model', {str(model)!r}, '--weight-cache', 'no']))\n")
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))}
-    p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=_sigint_default)
     t0 = time.time()
     manifest = model / "cache" / "ranges-frozen-float64.json"
     while not manifest.exists():
@@ -193,3 +194,9 @@ def test_ctrl_c_in_a_real_process(tmp_path, capfd, model):
     rc, out, err = cli(capfd, "prepare", "--model", model, "--weight-cache", "no")
     assert rc == 0
     assert cli(capfd, "verify", model)[0] == 0
+
+
+def _sigint_default():
+    """In the child before exec: SIGINT as in a terminal. A shell starts background jobs with
+    SIGINT ignored, which the child would inherit (Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

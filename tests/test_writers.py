@@ -252,7 +252,8 @@ def _convert_process(tmp_path, model, tok, dst, delay=0.2):
               "from refimpl.cli import main\n"
               f"sys.exit(main(['convert', {str(model)!r}, {str(dst)!r}, '--tokenizer', {str(tok)!r}]))\n")
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))}
-    return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_sigint_default)
 
 
 def _wait_for_tmp(folder, proc, timeout=60):
@@ -447,3 +448,9 @@ def test_temporary_folders_of_other_destinations_are_not_touched(tmp_path, capfd
     before = tree(other)
     assert cli(capfd, "convert", model, out / "m", "--tokenizer", tok)[0] == 0
     assert tree(other) == before
+
+
+def _sigint_default():
+    """In the child before exec: SIGINT as in a terminal. A shell starts background jobs with
+    SIGINT ignored, which the child would inherit (Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
