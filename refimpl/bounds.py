@@ -211,7 +211,7 @@ def _part_matrix_columns(R: Readout, part: Part):
     """Yield blocks [n, d] (float64) of the part's score map, one row per softmax entry (a column
     of the map). The plain unembedding is read from its stored values (rounded to the compute
     dtype, as Model.weight has them, then widened exactly), never through the weight cache, so
-    model_constants can run beside the forward pass."""
+    ModelConstants can compute them beside the forward pass."""
     m, d = R.model, R.model.cfg.d_model
     if part.name == "vocab":
         for _, b in column_blocks64(m.stored("unembed.W_U"), 4096, m.dtype):   # [d, n] as the weights are
@@ -259,8 +259,7 @@ def _centred_gram(R: Readout, part: Part) -> tuple[np.ndarray, float]:
         return memo[part.name]
     m = R.model
     with one_blas_thread():
-        if part.name == "vocab" and m.tensors[m._resolve("unembed.W_U")[0]].dtype in ("F32", "F16", "BF16") \
-                and m.dtype in (np.float32, np.float64):
+        if part.name == "vocab" and m.tensors[m._resolve("unembed.W_U")[0]].dtype in ("F32", "F16", "BF16"):
             W = m.stored("unembed.W_U")                                      # [d, V] stored values
             d, V = W.shape
             G, s1, fro = np.zeros((d, d)), np.zeros(d), 0.0
@@ -289,11 +288,16 @@ def _centred_gram(R: Readout, part: Part) -> tuple[np.ndarray, float]:
     return out
 
 
+def _lambda_key(R: Readout, part_name: str) -> tuple[str, str]:
+    """gram_lambda's memo key: the part and whether the readout has a norm map (gamma)."""
+    return part_name, "norm" if R.has_norm else "raw"
+
+
 def gram_lambda(R: Readout, part: Part) -> float:
     """A certified upper bound on lambda_max(N1^T G N1) with N1 the frozen norm map at unit scale
     (gamma and centring; identity without a norm): ||A y - mean||^2 <= lambda ||v||^2 / scale^2
     for y the part input of v. Memoised on the model per readout kind."""
-    key = (part.name, "norm" if R.has_norm else "raw")
+    key = _lambda_key(R, part.name)
     memo = R.model.__dict__.setdefault("_gram_lambda", {})
     if key in memo:
         return memo[key]
@@ -324,10 +328,9 @@ class ModelConstants:
     caller keeps the BLAS thread count at one until wait() (the constants' last bits must not
     depend on it). wait() re-raises the thread's error."""
 
-    def __init__(self, model, kind: str, spectral: bool):
+    def __init__(self, R: Readout, spectral: bool):
         import threading
         self.error = None
-        R = Readout(model, np.ones(model.cfg.d_model), kind)               # gamma read here (weight cache)
 
         def work():
             try:
@@ -341,14 +344,15 @@ class ModelConstants:
 
     @classmethod
     def start(cls, model, kind: str, spectral: bool):
-        """A ModelConstants, or None where there is nothing to do (adaptive softmax, lens)."""
+        """A ModelConstants, or None where there is nothing to do (adaptive softmax, lens, known)."""
         if model.cfg.unembedding == "adaptive" or kind == "lens":
             return None
+        R = Readout(model, np.ones(model.cfg.d_model), kind)               # gamma read here (weight cache)
         memo = model.__dict__
-        lam_key = ("vocab", "norm" if model.cfg.final_norm and kind != "raw" else "raw")
-        if ("vocab",) in memo.get("_readout_constants", {}) and (not spectral or lam_key in memo.get("_gram_lambda", {})):
+        if ("vocab",) in memo.get("_readout_constants", {}) and (
+                not spectral or _lambda_key(R, "vocab") in memo.get("_gram_lambda", {})):
             return None
-        return cls(model, kind, spectral)
+        return cls(R, spectral)
 
     def wait(self) -> None:
         self.thread.join()

@@ -183,25 +183,15 @@ class Model:
     def matvec(self, name: str, v: np.ndarray, block: int = 256) -> np.ndarray:
         """W @ v for a 2-d tensor W [n, m] in the compute dtype (row_blocks: no full-size copy
         of a large layer)."""
-        out = None
-        for a, b in self.row_blocks(name, block):
-            y = b @ v                                                        # [n_b]
-            if out is None:
-                out = np.empty((self._n_rows(name),) + y.shape[1:], y.dtype)
-            out[a:a + len(y)] = y
-        return out
-
-    def _n_rows(self, name: str) -> int:
-        src, transpose = self._resolve(name)
-        shape = self.tensors[src].shape
-        return shape[-1] if transpose else shape[0]
+        return np.concatenate([b @ v for _, b in self.row_blocks(name, block)])
 
     def row_blocks(self, name: str, block: int = 256):
         """Yield (first row, rows [n_b, m] in the compute dtype) of a 2-d tensor: the whole
         tensor at once when it is cached, prepared, stored in the compute dtype, transposed
-        (a tie) or when the whole model fits the weight cache (widened once, kept), else `block` rows at a time widened into one reused buffer (valid until the
-        next block), never cached: a single pass over a large layer that the weight cache
-        does not hold would otherwise widen and evict it."""
+        (a tie) or when the whole model fits the weight cache (widened once, kept); else
+        `block` rows at a time, widened into one reused buffer (valid until the next block)
+        and never cached: a single pass over a large layer that the weight cache does not
+        hold would otherwise widen and evict it."""
         src, transpose = self._resolve(name)
         st = self.tensors.get(src)
         if transpose or name in self._cache or st is None or st.dtype == NUMPY_TO_ST[self.dtype] \
