@@ -243,7 +243,7 @@ def step_locate(spec, dtype: str, opts) -> dict:
         rec["result_first"] = r["result"]
         put(spec.name, key, rec)
     if spec.prepare and "prepare" not in rec:
-        log(f"{spec.name}: refimpl prepare --dtype {dtype} (per-neuron ranges, weight cache)")
+        log(f"{spec.name}: refimpl prepare --dtype {dtype} (bracket constants, weight cache)")
         with without_cache(spec, keep_new=True):
             rec["prepare"] = child([PY, "-m", "refimpl", "prepare", "--model", spec.canonical, "--dtype", dtype],
                                    f"{spec.name}-prepare-{dtype}")
@@ -694,7 +694,7 @@ def report(names, mach: dict, started_load) -> str:
              "## Where locate spends its time", "",
              "Exclusive seconds per phase of `locate` and per kind of work inside it (a phase profiler wraps "
              "`Model.weight` = upcast (including reading the pages from disk), `Head.scores`/`log_prob_of`/`Readout.bs` "
-             "= readout products, `bounds.ffn_bounds`, `significance.increases` = exact scoring glue, "
+             "= readout products, `bounds.ffn_upper`, `significance.increases` = exact scoring glue, "
              "`bounds.neuron_ranges`).", profile_table(names), ""]
     return "\n".join(parts)
 

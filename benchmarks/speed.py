@@ -14,7 +14,9 @@ ru_maxrss. The kinds of run:
 - first after convert (GPT2-medium): `refimpl convert` of the source into a fresh directory,
   then the locate run on it (the page cache holds what the conversion wrote);
 - cold: the model's files dropped from the page cache first (posix_fadvise DONTNEED);
-- warm: after one untimed run.
+- warm: after one untimed run;
+- prepared (GPT2-medium): the optional `refimpl prepare` run once on a folder of hard links
+  to the model's files (its time recorded), then warm runs as above on that folder.
 
 Beside them, in the same session: one pass of `x @ W` over every weight matrix (worker.py pass,
 in-process, page cache warm, median of 5) and TransformerLens 3.9 on the same weights
@@ -150,6 +152,7 @@ PLAN = [
     ("gpt2-medium", "cold", "float64", "bound", 5), ("gpt2-medium", "cold", "float32", "bound", 5),
     ("gpt2-medium", "tl", None, None, 5),
     ("gpt2-medium", "first", "float64", "bound", 3), ("gpt2-medium", "first", "float32", "bound", 3),
+    ("gpt2-medium", "prepared", "float64", "bound", 5), ("gpt2-medium", "prepared", "float32", "bound", 5),
     ("llama-7b", "warm", "float64", "nocounts", 5), ("llama-7b", "pass", "float64", None, 2),
     ("llama-13b", "warm", "float64", "nocounts", 3), ("llama-13b", "pass", "float64", None, 1),
     ("llama-7b", "warm", "float32", "nocounts", 3), ("llama-7b", "warm", "float32", "bound", 2),
@@ -198,6 +201,21 @@ def measure_one(spec, kind, dt, variant, n, opts) -> None:
         if kind == "cold":
             R.drop_page_cache(d)
             runs.append(locate_run(d, dt, f"speed-{spec.name}-{key}-{k}", extra))
+        elif kind == "prepared":
+            tmp = os.path.join(BENCH_ROOT, "canonical", f".speed-prepared-{spec.name}-{dt}")
+            if k == 0 or not os.path.isdir(os.path.join(tmp, "cache")):
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                for name in os.listdir(d):                                  # the same files (hard links)
+                    if os.path.isfile(os.path.join(d, name)):
+                        os.link(os.path.join(d, name), os.path.join(tmp, name))
+                prep = R.child([R.PY, "-m", "refimpl", "prepare", "--model", tmp, "--dtype", dt, "--quiet"],
+                               f"speed-{spec.name}-prepare-{key}")
+                rec.setdefault(f"{key}_prepare", []).append(prep)
+                locate_run(tmp, dt, f"speed-{spec.name}-warmup-{key}", extra)
+            runs.append(locate_run(tmp, dt, f"speed-{spec.name}-{key}-{k}", extra))
+            if len(runs) == n:
+                shutil.rmtree(tmp, ignore_errors=True)
         elif kind == "first":
             if not os.path.isdir(spec.source):
                 log(f"{spec.name}: no source at {spec.source}; first-after-convert runs skipped")
@@ -273,6 +291,11 @@ def section() -> str:
                      g.get(f"cold_{dt}_nocounts")),
                 _row(f"{dt} cold, {VARIANT_TEXT['bound']}", "- (counts needed `prepare`)", g.get(f"cold_{dt}_bound"),
                      ("gpt2-medium", dt, "first")),
+                _row(f"{dt} warm after an optional `refimpl prepare`, {VARIANT_TEXT['bound']}",
+                     f"{fs(b['warm'])} after a {fs(b['prepare'])} `refimpl prepare`", g.get(f"prepared_{dt}_bound"),
+                     ("gpt2-medium", dt, "warm"),
+                     f"; the prepare itself {fs(R.median([x['wall_s'] for x in g[f'prepared_{dt}_bound_prepare']]))}"
+                     if g.get(f"prepared_{dt}_bound_prepare") else ""),
                 _row(f"{dt} right after `refimpl convert`, {VARIANT_TEXT['bound']}", "-", g.get(f"first_{dt}_bound"),
                      ("gpt2-medium", dt, "first"),
                      f"; the conversion itself {fs(med(g.get(f'first_{dt}_bound', []), 'convert_s'))}"
@@ -352,7 +375,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="gpt2-medium,llama-7b,llama-13b")
     p.add_argument("--dtypes", default="float64,float32")
-    p.add_argument("--kinds", default="first,cold,warm,pass,tl,disk", help="which runs: first,cold,warm,pass,tl,disk")
+    p.add_argument("--kinds", default="first,cold,warm,pass,tl,disk,prepared",
+                   help="which runs: first,cold,warm,pass,tl,disk,prepared")
     p.add_argument("--runs", type=int, default=None, help="at most this many runs per figure (default: PLAN's)")
     p.add_argument("--deadline", type=float, default=None, help="unix time after which nothing new is started")
     p.add_argument("--report-only", action="store_true")

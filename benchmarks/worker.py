@@ -149,9 +149,8 @@ def task_profile(args):
                             (RD.Readout, ("bs",), "readout"), (RD.Readout, ("increase",), "scoring")):
         for n in names:
             setattr(cls, n, prof.wrap(cat, getattr(cls, n)))
-    bounds.ffn_bounds = prof.wrap("bounds", bounds.ffn_bounds)
+    bounds.ffn_upper = prof.wrap("bounds", bounds.ffn_upper)
     bounds.g_vector = prof.wrap("bounds", bounds.g_vector)
-    bounds.neuron_ranges = prof.wrap("ranges", bounds.neuron_ranges)
     for n in ("run", "layer_significance", "top_attn_subvalues", "top_ffn_subvalues",
               "ffn_counts", "activation_report"):
         setattr(L, n, prof.wrap(n, getattr(L, n)))

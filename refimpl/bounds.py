@@ -7,19 +7,17 @@ vector v added to a base L, with p_j = softmax(s_j(L)) and u_j = s_j(v) (no offs
 
     C(v) = sum_j [ u_j[w_j] - log E_{p_j} exp(u_j) ]
     upper:  log E_p e^u >= p.u                      (Jensen)   =>  C(v) <= g . v
-    lower:  log E_p e^u <= p.u + (max u - min u)^2 / 8   (Hoeffding's lemma)
 
 with g = sum_j N^T S_j^T (e_{w_j} - p_j), one d-vector per base (N: the frozen norm map,
-S_j: the part's linear map). For an FFN subvalue v = m_k fc2_k the score range is
-|m_k| * range(s_j(N1(fc2_k))) / scale, where N1 is the norm map at unit scale: the
-per-neuron ranges depend on the prompt only through the frozen scale, so they are
-computed once per model and cached (`refimpl prepare`; no longer used by `locate`).
+S_j: the part's linear map): the top-K searches visit subvalues in decreasing g . v.
 
 The counts of Fig. 6-7 use brackets that need no per-neuron precomputation
 (ffn_brackets, below): g . v - R <= C <= g . v with R bounded by Popoviciu's inequality
 (one constant per model) or, tighter, by the largest softmax probability times the
 readout's Gram matrix's largest eigenvalue (once per model), every bracket widened by the
-rounding of its evaluation (docs/topk.md).
+rounding of its evaluation (docs/topk.md). The per-model constants are computed beside the
+forward pass (ModelConstants) or read from what `refimpl prepare` stored (refimpl/cache.py:
+bound to the model's exact files).
 """
 from __future__ import annotations
 
@@ -28,9 +26,6 @@ import numpy as np
 from .blas import one_blas_thread
 from .errors import RefimplError
 from .readout import Readout
-
-RANGE_SAFETY = 1e-9          # ranges are inflated by this relative amount (rounding in their computation)
-
 
 class Part:
     """One softmax of the readout: scores(y) [..., n] linear in y, target index, adjoint map."""
@@ -64,15 +59,6 @@ def parts(R: Readout, w: int) -> list[Part]:
     return [Part("head", head_scores, head_adj, n0 + c - 1), band]
 
 
-def unit_norm(R: Readout, V: np.ndarray) -> np.ndarray:
-    """N1(V): the frozen norm map at unit scale (gamma * centred V, gamma * V, or V for raw)."""
-    if not R.has_norm:
-        return V
-    if R.centre:
-        V = V - V.mean(-1, keepdims=True)
-    return R.gamma * V
-
-
 def scale(R: Readout) -> float:
     return float(R.scale[0]) if R.has_norm else 1.0
 
@@ -97,68 +83,8 @@ def g_vector(R: Readout, base: np.ndarray, w: int) -> np.ndarray:
     return g
 
 
-# --- per-neuron score ranges, stored by refimpl/cache.py ------------------------------------
-
-def cache_dir(model) -> str:
-    """Where the model's derived data is stored (refimpl/cache.py)."""
-    from . import cache
-    return cache.cache_dir(model)
-
-
-def ranges_cost(model) -> float:
-    """Multiply-adds of computing the per-neuron ranges (one exhaustive pass over all neurons)."""
-    c = model.cfg
-    return float(c.n_layers) * c.d_ff * c.d_model * c.d_vocab
-
-
-def compute_ranges(R: Readout, chunk: int = 512, layers=None) -> dict[str, np.ndarray]:
-    """{part name: [n_layers, d_ff]} range of the part scores of N1(fc2_k) for every neuron
-    (only the rows of `layers` when given; the others stay zero)."""
-    m, cfg = R.model, R.model.cfg
-    names = ["vocab"] if not R.head.adaptive else ["head"] + [f"band{c}" for c in range(1, len(R.head.bands))]
-    out = {n: np.zeros((cfg.n_layers, cfg.d_ff)) for n in names}
-    for i in (range(cfg.n_layers) if layers is None else layers):
-        W_out = m.weight(f"blocks.{i}.mlp.W_out")                           # [F, d]
-        for s in range(0, cfg.d_ff, chunk):
-            y = unit_norm(R, W_out[s:s + chunk])                             # [n, d]
-            for n in names:
-                w = 0 if n in ("vocab", "head") else R.head.bands[int(n[4:])][0]
-                sc = parts(R, w)[-1].scores(y)                               # [n, n_part]
-                out[n][i, s:s + chunk] = sc.max(-1) - sc.min(-1)
-    return {n: r * (1 + RANGE_SAFETY) for n, r in out.items()}
-
-
-def ranges_ready(R: Readout) -> bool:
-    """Whether neuron_ranges(R) is already computed (in memory, or stored for exactly this model's
-    files, e.g. by `refimpl prepare`)."""
-    from . import cache
-    kind = "raw" if not R.has_norm else "frozen"
-    return kind in getattr(R.model, "_range_cache", {}) or cache.ranges_ready(R.model, kind)
-
-
-def neuron_ranges(R: Readout) -> dict[str, np.ndarray]:
-    """compute_ranges, loaded from / saved to the model's cache (refimpl/cache.py: bound to the
-    model's exact files; a stale or damaged entry is recomputed, never used)."""
-    import warnings
-    from . import cache
-    model = R.model
-    cached = getattr(model, "_range_cache", {})
-    kind = "raw" if not R.has_norm else "frozen"
-    if kind in cached:
-        return cached[kind]
-    names = cache.range_parts(model, R.head)
-    ranges, why = cache.load_ranges(model, kind, names)
-    if ranges is None:
-        if why:
-            warnings.warn(f"{why}; recomputing", stacklevel=2)
-        ranges = cache.build_ranges(model, kind, names, lambda i: compute_ranges(R, layers=[i]))
-    cached[kind] = ranges
-    model._range_cache = cached
-    return ranges
-
-
-def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = None):
-    """(upper [F], lower [F] or None) on C of every FFN subvalue of layer i at position t."""
+def ffn_upper(trace, i: int, w: int, t: int, R: Readout) -> np.ndarray:
+    """Upper bound g . v [F] on C of every FFN subvalue of layer i at position t (Jensen)."""
     m = trace.layers[i].m[t]                                                 # [F]
     memo, t = R.trace_memo(trace), t % trace.T
     key = ("ffn_upper", i, t, int(w))                                        # top-K and counts share it
@@ -169,10 +95,7 @@ def ffn_bounds(trace, i: int, w: int, t: int, R: Readout, ranges: dict | None = 
             memo[gkey] = g_vector(R, np.array([Lt.lres[t] for Lt in trace.layers]), w)   # [L, d]
         g = memo[gkey][i]
         upper = memo[key] = m * trace.model.matvec(f"blocks.{i}.mlp.W_out", g)   # [F]
-    if ranges is None:
-        return upper, None
-    slack = sum((np.abs(m) * ranges[p.name][i] / scale(R)) ** 2 for p in parts(R, w)) / 8.0
-    return upper, upper - slack
+    return upper
 
 
 # --- certified brackets without any per-neuron precomputation (counts, Fig. 6-7) -----------
@@ -326,15 +249,21 @@ class ModelConstants:
     counts, which do not need them. Only for a plain softmax (its constants read the stored
     unembedding, never the model's weight cache, which is not shared between threads); the
     caller keeps the BLAS thread count at one until wait() (the constants' last bits must not
-    depend on it). wait() re-raises the thread's error."""
+    depend on it). With `stored` (what `refimpl prepare` stored, see load_stored_constants) the
+    thread only spot-checks them (check_stored_constants, ~0.2 s) and computes them only if
+    the check fails (a warning at wait()). wait() re-raises the thread's error."""
 
-    def __init__(self, R: Readout, spectral: bool):
+    def __init__(self, R: Readout, spectral: bool, stored: dict | None = None):
         import threading
-        self.error = None
+        self.error, self.warning = None, None
 
         def work():
             try:
-                readout_constants(R, 0)
+                if stored is not None:
+                    self.warning = check_stored_constants(R, stored, spectral)
+                    if self.warning is None:
+                        _memo_constants(R, stored, spectral)
+                readout_constants(R, 0)                                      # no work once memoised
                 if spectral:
                     gram_lambda(R, parts(R, 0)[0])
             except BaseException as e:                                       # re-raised by wait()
@@ -352,13 +281,128 @@ class ModelConstants:
         if ("vocab",) in memo.get("_readout_constants", {}) and (
                 not spectral or _lambda_key(R, "vocab") in memo.get("_gram_lambda", {})):
             return None
-        return cls(R, spectral)
+        return cls(R, spectral, load_stored_constants(model))
 
     def wait(self) -> None:
         self.thread.join()
+        if self.warning is not None:
+            import warnings
+            warning, self.warning = self.warning, None
+            warnings.warn(warning, stacklevel=2)
         if self.error is not None:
             err, self.error = self.error, None
             raise err
+
+
+def load_stored_constants(model) -> dict | None:
+    """The constants `refimpl prepare` stored for exactly this model's files and compute dtype
+    (refimpl/cache.py: the manifest binds them to the files' identity and their own sha256),
+    or None: a stale or damaged entry is never used (a warning; they are computed instead).
+    Read once per model."""
+    if "_stored_constants" in model.__dict__:
+        return model._stored_constants
+    import warnings
+    from . import cache
+    v, why = cache.load_constants(model)
+    if v is None and why:
+        warnings.warn(f"{why}; the constants are computed instead (`refimpl prepare` stores them again)",
+                      stacklevel=3)
+    model._stored_constants = v
+    return v
+
+
+def _memo_constants(R: Readout, v: dict, spectral: bool) -> None:
+    """Stored constants of the plain softmax into the memos of readout_constants and (spectral)
+    of gram_lambda: what check_stored_constants checked (the lambda of R's kind of map only)."""
+    rc = R.model.__dict__.setdefault("_readout_constants", {})
+    rc.setdefault(("vocab",), tuple(v["readout"]["vocab"]))
+    if not spectral:
+        return
+    key = _lambda_key(R, "vocab")
+    R.model.__dict__.setdefault("_gram_lambda", {}).setdefault(key, v["lambda"]["|".join(key)])
+
+
+def _power_rayleigh(R: Readout, W: np.ndarray, gam: np.ndarray, centre: bool, steps: int) -> float:
+    """A lower bound (up to rounding) on lambda_max(N1^T C^T C N1), C the centred unembedding
+    [V, d] (its stored values as the weights are) and N1 = gamma * (centring): the largest
+    Rayleigh quotient of `steps` power iterations from a fixed start."""
+    m = R.model
+    d, V = W.shape
+    x = np.random.default_rng(0).standard_normal(d)                          # [d]
+    rq = 0.0
+    for _ in range(steps):
+        x = x / np.linalg.norm(x)
+        y = gam * (x - x.mean() if centre else x)                            # N1 x [d]
+        s = np.empty(V)                                                      # W^T y [V]
+        for a, b in column_blocks64(W, 8192, m.dtype):                      # [d, n_b]
+            s[a:a + b.shape[1]] = y @ b
+        s -= s.mean()                                                        # C N1 x
+        z = np.zeros(d)
+        for a, b in column_blocks64(W, 8192, m.dtype):
+            z += b @ s[a:a + b.shape[1]]
+        z = gam * z
+        z = z - z.mean() if centre else z                                    # N1^T C^T C N1 x [d]
+        rq = max(rq, float(x @ z))
+        x = z
+    return rq
+
+
+def check_stored_constants(R: Readout, v: dict, spectral: bool = True, n_cols: int = 64,
+                           steps: int = 2) -> str | None:
+    """None if stored constants pass a spot check against the model's own unembedding, else why
+    not. Their record (sha256, file identities) already guards against corruption and a changed
+    model; this catches constants edited together with their record, as the weight copy's spot
+    check does: W >= and B^2 >= the (centred) norms of n_cols columns, and (spectral) R's lambda >= the
+    largest Rayleigh quotient of `steps` power iterations (with a 1e-6 relative margin for the
+    rounding of this recomputation). A spot check: it catches constants made much smaller, not
+    a slight edit; `refimpl verify` recomputes them all."""
+    from . import cache
+    m = R.model
+    key = _lambda_key(R, "vocab")
+    try:
+        B2, Wn = v["readout"]["vocab"]
+        lam = v["lambda"]["|".join(key)]
+    except (KeyError, TypeError, ValueError):
+        return f"{cache.cache_dir(m)}: the stored bracket constants do not cover this readout; computed instead"
+    W = m.stored("unembed.W_U")                                              # [d, V]
+    d, V = W.shape
+    cols = np.unique(np.linspace(0, V - 1, n_cols).astype(np.int64))
+    A = np.asarray(np.asarray(W[:, cols], m.dtype), np.float64)              # [d, n] as the weights are
+    mu = np.zeros(d)                                                         # mean column [d]
+    for _, b in column_blocks64(W, 8192, m.dtype):
+        mu += b.sum(1)
+    mu /= V
+    tol, bad = 1 + 1e-6, []
+    if (A * A).sum(0).max() > Wn ** 2 * tol:
+        bad.append("W")
+    if ((A - mu[:, None]) ** 2).sum(0).max() > B2 * tol:
+        bad.append("B")
+    gam = np.asarray(R.gamma, np.float64) if R.has_norm else np.ones(d)
+    if spectral and _power_rayleigh(R, W, gam, R.has_norm and R.centre, steps) > lam * tol:
+        bad.append("lambda")
+    if bad:
+        return (f"{cache.cache_dir(m)}: the stored bracket constants ({', '.join(bad)}) are smaller than a spot "
+                f"check of the model's unembedding allows (edited?); not used, computed instead (run "
+                f"`refimpl verify`, then `refimpl prepare`)")
+    return None
+
+
+def prepare_constants(model) -> dict:
+    """The per-model constants of the counts' brackets for a plain softmax, for both kinds of
+    readout map (with the final norm's gamma: frozen; without: raw): {"readout": {part: [B^2,
+    W]}, "lambda": {"part|norm": lambda, "part|raw": lambda}} (what cache.save_constants
+    stores; {} for an adaptive softmax, whose constants are computed in each run)."""
+    if model.cfg.unembedding == "adaptive":
+        return {}
+    out = {"readout": {}, "lambda": {}}
+    for kind in ("frozen", "raw"):
+        R = Readout(model, np.ones(model.cfg.d_model), kind)
+        with one_blas_thread():
+            (B2, W), = readout_constants(R, 0)
+            part = parts(R, 0)[0]
+            out["readout"][part.name] = [float(B2), float(W)]
+            out["lambda"]["|".join(_lambda_key(R, part.name))] = float(gram_lambda(R, part))
+    return out
 
 
 def _row_norms(model, i: int) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 `refimpl prepare` stores two kinds of derived data: an exact copy of the weights in the
 compute dtype (`weights-<dtype>`, one safetensors part per layer plus one for the rest)
-and the per-neuron score ranges of the exact counts (`ranges-<readout>-<dtype>`, one
-.npz). Each entry is its payload files plus a manifest `<entry>.json` that binds it to the
+and the per-model constants of the counts' certified brackets (`constants-<dtype>`: a few
+floats in one JSON file, `<entry>.values`; refimpl/bounds.py). Each entry is its payload files plus a manifest `<entry>.json` that binds it to the
 exact bytes it came from:
 
     {"refimpl_cache": 1, "kind": ..., "entry": ..., "params": {...}, "complete": true,
@@ -15,14 +15,16 @@ exact bytes it came from:
 match size, mtime_ns, ctime_ns and inode (small payloads are also re-hashed): a model
 edited after `prepare` (say, an ablation of every mlp.W_out) or a doctored cache file
 makes the entry stale, and a stale entry is never used: the weights are then upcast from
-the model itself (with a warning that `refimpl prepare` rebuilds the copy) and ranges are
-recomputed. `refimpl verify` re-hashes every payload and source and compares the weight
+the model itself (with a warning that `refimpl prepare` rebuilds the copy) and the
+constants are recomputed. `refimpl verify` re-hashes every payload and source and compares the weight
 copy with the model tensor by tensor (`check`).
 
 Entries live in cache/ beside the model, or, for a read-only or packaged model, in the user
 cache (`$XDG_CACHE_HOME/refimpl/<key>/`, default ~/.cache). Writes are atomic (temporary
 file, then rename) and honour the umask. An interrupted `prepare` leaves an incomplete
-manifest; the next one resumes from the parts it lists (checked the same way).
+manifest; the next one resumes from the parts it lists (checked the same way). Entries of
+older versions (`ranges-<readout>-<dtype>`: per-neuron score ranges, no longer used) are
+still recognised (verified, never read, never removed).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from .files import chmod_default, parse_json, read_bytes, read_text, sha256_file
 VERSION = 1
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # read-only models shipped inside
 NAME_RE = re.compile(r"(weights-(float32|float64)(-L\d{4}|-rest)?\.(safetensors|json)"
+                     r"|constants-(float32|float64)\.(values|json)"
                      r"|ranges-(frozen|raw)-(float32|float64)\.(npz|json)"
                      r"|\.[^/]+\.tmp)$")
 SMALL_PAYLOAD = 64 << 20        # entries up to this size in all are re-hashed on every use
@@ -98,11 +101,20 @@ def _rel(model_path: str, path: str) -> str:
 
 
 def hash_sources(model, progress=None) -> list[dict]:
-    """Identity and sha256 of every source, each stat'ed before hashing (see `sources_unchanged`)."""
-    out = []
+    """Identity and sha256 of every source, each stat'ed before hashing (see `sources_unchanged`).
+    A file hashed before by this process with the same identity (size, times, inode) is not
+    hashed again (prepare binds two entries to the same files)."""
+    out, seen = [], model.__dict__.setdefault("_source_hashes", {})
     for p in model_sources(model):
         rec = {"name": _rel(model.path, p), **identity(p)}
-        rec["sha256"] = sha256_file(p, progress=progress)
+        old = seen.get(p)
+        if old is not None and all(old[k] == rec[k] for k in STAT_KEYS):
+            rec["sha256"] = old["sha256"]
+            if progress is not None:
+                progress(rec["bytes"])
+        else:
+            rec["sha256"] = sha256_file(p, progress=progress)
+            seen[p] = rec
         out.append(rec)
     return out
 
@@ -391,136 +403,77 @@ def _same_hashes(a: list[dict], b: list[dict]) -> bool:
     return [(r.get("name"), r.get("sha256")) for r in a] == [(r["name"], r["sha256"]) for r in b]
 
 
-# --------------------------------------------------------------------------- per-neuron ranges
+# --------------------------------------------------------------------------- bracket constants
 
 
-def ranges_entry(model, kind: str) -> str:
-    return f"ranges-{kind}-{model.dtype.name}"
+def constants_entry(model) -> str:
+    return f"constants-{model.dtype.name}"
 
 
-def _ranges_params(model, kind: str) -> dict:
-    return {"readout": kind, "dtype": model.dtype.name, "d_ff": model.cfg.d_ff, "n_layers": model.cfg.n_layers}
+def _constants_params(model) -> dict:
+    return {"dtype": model.dtype.name, "d_model": model.cfg.d_model, "d_vocab": model.cfg.d_vocab}
 
 
-def _load_npz(path: str, names: list[str], shape: tuple) -> dict | None:
-    """Arrays `names` of `shape`, finite and non-negative, from an .npz (None if anything is off)."""
-    import io
-    import zipfile
-    try:
-        data = read_bytes(path, "tokenizer")
-        with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            if sorted(f.files) != sorted(names):
-                return None
-            out = {k: np.asarray(f[k], np.float64) for k in names}
-    except (FormatError, OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
-        return None
-    if any(a.shape != shape or not np.isfinite(a).all() or (a < 0).any() for a in out.values()):
-        return None
-    return out
+def _positive(x) -> bool:
+    return isinstance(x, float) and np.isfinite(x) and x > 0
 
 
-def range_parts(model, readout_head) -> list[str]:
-    return ["vocab"] if not readout_head.adaptive else ["head"] + [f"band{c}" for c in range(1, len(readout_head.bands))]
+def _valid_constants(v) -> bool:
+    """{"readout": {part: [B^2, W]}, "lambda": {"part|norm" or "part|raw": lambda}}, positive floats."""
+    return (isinstance(v, dict) and set(v) == {"readout", "lambda"}
+            and isinstance(v["readout"], dict) and isinstance(v["lambda"], dict)
+            and all(isinstance(k, str) and isinstance(x, list) and len(x) == 2 and all(map(_positive, x))
+                    for k, x in v["readout"].items())
+            and all(isinstance(k, str) and _positive(x) for k, x in v["lambda"].items()))
 
 
-def load_ranges(model, kind: str, names: list[str]) -> tuple[dict | None, str | None]:
-    """Fresh stored ranges {part: [n_layers, d_ff]}, or (None, why not)."""
-    m, why = lookup(model, ranges_entry(model, kind), _ranges_params(model, kind))
+def load_constants(model) -> tuple[dict | None, str | None]:
+    """The stored per-model bracket constants if fresh (bound to the model's exact files and
+    re-hashed on every use), or (None, why not): None when there is no entry at all."""
+    m, why = lookup(model, constants_entry(model), _constants_params(model))
     if m is None:
         return None, why
+    where = os.path.join(cache_dir(model), constants_entry(model))
     if len(m["payloads"]) != 1:
-        return None, f"{ranges_entry(model, kind)}: damaged manifest; not used"
-    out = _load_npz(os.path.join(cache_dir(model), m["payloads"][0]["name"]), names,
-                    (model.cfg.n_layers, model.cfg.d_ff))
-    if out is None:
-        return None, f"{os.path.join(cache_dir(model), ranges_entry(model, kind))}: damaged; not used"
-    return out, None
-
-
-def ranges_ready(model, kind: str) -> bool:
-    m, _ = lookup(model, ranges_entry(model, kind), _ranges_params(model, kind))
-    return m is not None
-
-
-def build_ranges(model, kind: str, names: list[str], compute_layer, prog=None, store: bool = True) -> dict:
-    """Ranges of every layer: compute_layer(i) -> {part: [n_layers, d_ff] with row i filled}.
-    Resumes from an incomplete entry of the same sources; each layer is checkpointed."""
-    from . import progress as _progress
-    prog = prog or _progress.current()
-    folder, entry, params = cache_dir(model), ranges_entry(model, kind), _ranges_params(model, kind)
-    L, F = model.cfg.n_layers, model.cfg.d_ff
-    out = {n: np.zeros((L, F)) for n in names}
-    start, sources = 0, None
-    if store:
-        try:
-            prog.stage("hashing the model's files", total=sum(os.path.getsize(p) for p in model_sources(model)),
-                       unit="B")
-            sources = hash_sources(model, progress=prog.update)
-        except (OSError, FormatError):
-            store = False
-    if store:
-        old = read_manifest(folder, entry)
-        if old is not None and not old["complete"] and old["params"] == params and len(old["payloads"]) == 1 \
-                and _same_hashes(old["sources"], sources) and payloads_unchanged(folder, old["payloads"]):
-            part = _load_partial(os.path.join(folder, old["payloads"][0]["name"]), names, (L, F))
-            if part is not None:
-                start, out = part
-                if start:
-                    prog.note(f"resuming: ranges of {start} of {L} layers are already computed")
-    prog.stage(f"per-neuron ranges ({kind} readout, {L} layers)", total=L - start, unit="layer")
-    for i in range(start, L):
-        layer = compute_layer(i)
-        for n in names:
-            out[n][i] = layer[n][i]
-        prog.update(1)
-        if store and i + 1 < L:
-            try:
-                _save_ranges(folder, entry, params, sources, out, i + 1, complete=False)
-            except OSError:
-                store = False                    # a read-only or full disk: keep computing, do not store
-    if store:
-        try:
-            if sources_unchanged(model, sources):
-                _save_ranges(folder, entry, params, sources, out, L, complete=True)
-            else:
-                remove_entry(folder, entry)
-        except OSError:
-            pass
-    return out
-
-
-def _save_ranges(folder, entry, params, sources, out, layers_done, complete):
-    import io
-    buf = io.BytesIO()
-    arrays = dict(out) if complete else {**out, "layers_done": np.array(layers_done)}
-    np.savez(buf, **arrays)
-    rec = _atomic_write(folder, f"{entry}.npz", lambda f: f.write(buf.getvalue()))
-    write_manifest(folder, entry, "ranges", params, sources, [rec], complete=complete)
-
-
-def _load_partial(path, names, shape):
-    import io
-    import zipfile
+        return None, f"{where}: damaged cache manifest; not used"
+    path = os.path.join(cache_dir(model), m["payloads"][0]["name"])
     try:
-        with np.load(io.BytesIO(read_bytes(path, "tokenizer")), allow_pickle=False) as f:
-            if sorted(f.files) != sorted(names + ["layers_done"]):
-                return None
-            done = int(f["layers_done"])
-            out = {k: np.asarray(f[k], np.float64) for k in names}
-    except (FormatError, OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError, KeyError):
-        return None
-    if not 0 <= done <= shape[0] or any(a.shape != shape or not np.isfinite(a).all() for a in out.values()):
-        return None
-    return done, out
+        v = parse_json(read_text(path, "json"), path)
+    except FormatError:
+        v = None
+    if not _valid_constants(v):
+        return None, f"{where}: damaged; not used"
+    return v, None
+
+
+def save_constants(model, values: dict, prog=None) -> str:
+    """Store the bracket constants (a few floats: refimpl/bounds.py) bound to the model's files,
+    hashed now; nothing is stored if the files change meanwhile. Returns the entry's folder."""
+    import json
+    from . import progress as _progress
+    if not _valid_constants(values):
+        raise ValueError("not a set of bracket constants")
+    prog = prog or _progress.current()
+    folder, entry = cache_dir(model), constants_entry(model)
+    prog.stage("hashing the model's files", total=sum(os.path.getsize(p) for p in model_sources(model)), unit="B")
+    sources = hash_sources(model, progress=prog.update)
+    text = json.dumps(values, indent=1, sort_keys=True).encode()        # floats round-trip exactly
+    rec = _atomic_write(folder, f"{entry}.values", lambda f: f.write(text))
+    if sources_unchanged(model, sources):
+        write_manifest(folder, entry, "constants", _constants_params(model), sources, [rec], complete=True)
+    else:
+        remove_entry(folder, entry)
+    return folder
 
 
 # --------------------------------------------------------------------------- verify
 
 
-def check(model, source_hashes: dict | None = None, notes: list | None = None) -> list[str]:
+def check(model, source_hashes: dict | None = None, notes: list | None = None, constants_of=None) -> list[str]:
     """Problems with the model's stored derived data, one line each (for `refimpl verify`):
     payloads whose content differs from their manifest, entries whose sources changed, a weight
-    copy whose values are not the model's, and files in cache/ that belong to no entry."""
+    copy whose values are not the model's, stored constants that differ from constants_of(dtype
+    name) (their recomputation, when given), and files in cache/ that belong to no entry."""
     problems = []
     folders = [os.path.join(os.path.abspath(model.path), "cache"), user_cache_dir(model.path)]
     for folder in folders:
@@ -540,14 +493,14 @@ def check(model, source_hashes: dict | None = None, notes: list | None = None) -
                 problems.append(f"{shown}/{name}: damaged cache manifest")
                 continue
             claimed.update(r["name"] for r in m["payloads"])
-            problems += _check_entry(model, folder, shown, entry, m, source_hashes or {}, notes)
+            problems += _check_entry(model, folder, shown, entry, m, source_hashes or {}, notes, constants_of)
         for name in names:
             if name not in claimed:
                 problems.append(f"{shown}/{name}: not part of any cache entry")
     return problems
 
 
-def _check_entry(model, folder, shown, entry, m, source_hashes, notes) -> list[str]:
+def _check_entry(model, folder, shown, entry, m, source_hashes, notes, constants_of=None) -> list[str]:
     from .files import printable
     out = []
     for r in m["payloads"]:
@@ -577,6 +530,17 @@ def _check_entry(model, folder, shown, entry, m, source_hashes, notes) -> list[s
         return out + [f"{shown}/{entry}: stale: built from other model files; it is not used"]
     if m["kind"] == "weights" and m["params"].get("dtype") in ("float32", "float64"):
         out += _compare_weights(model, folder, shown, entry, m, np.dtype(m["params"]["dtype"]))
+    if m["kind"] == "constants" and constants_of is not None and m["params"].get("dtype") in ("float32", "float64") \
+            and len(m["payloads"]) == 1:
+        path = os.path.join(folder, m["payloads"][0]["name"])
+        try:
+            stored = parse_json(read_text(path, "json"), path)
+        except FormatError as e:
+            return out + [f"{shown}/{printable(m['payloads'][0]['name'])}: {e}"]
+        if stored != constants_of(m["params"]["dtype"]):
+            out.append(f"{shown}/{printable(m['payloads'][0]['name'])}: differs from the constants of the model's "
+                       f"weights (recomputed); it is not used only if its record no longer matches: run "
+                       f"`refimpl prepare` to rebuild it")
     return out
 
 

@@ -122,18 +122,15 @@ def cmd_models(p, args=None):
     emit(args, {"models": rows}, "\n".join(text) if rows else "no embedded models installed")
 
 
-@command("prepare", "one-time work per model: per-neuron score ranges (exact counts) and a compute-dtype weight copy")
+@command("prepare", "optional one-time work per model: the counts' per-model constants and a compute-dtype weight copy")
 def cmd_prepare(p, args=None):
     if args is None:
         model_options(p)
-        p.add_argument("--readout", default="frozen", choices=["frozen", "raw"],
-                       help="the readout whose per-neuron ranges are computed")
         p.add_argument("--weight-cache", choices=["auto", "yes", "no"], default="auto",
                        help="write the weights converted to --dtype (auto, the default: when the copy is at most 8 GB)")
         p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         return
     from . import bounds, cache, progress
-    from .readout import Readout
     model = open_model(args)
     with progress.reporting(progress.Progress("prepare", quiet=args.quiet)) as prog:
         nbytes = cache.weights_bytes(model)
@@ -142,10 +139,14 @@ def cmd_prepare(p, args=None):
                 if model.upcast_cache is None and model.needs_upcast():
                     path = model.write_upcast_cache()
                     print(f"weights in {model.dtype.name}: {path} ({nbytes / 1e9:.2f} GB)")
-            R = Readout(model, np.ones(model.cfg.d_model, model.dtype), args.readout)   # ranges do not depend on the state
-            bounds.neuron_ranges(R)
+            prog.stage("the counts' per-model constants (Gram matrix of the unembedding)")
+            values = bounds.prepare_constants(model)
+            folder = cache.save_constants(model, values, prog) if values else None
         except KeyboardInterrupt as e:
-            e.hint = "the layers finished so far are kept; run the same command again to resume"
+            e.hint = "the parts of the weight copy finished so far are kept; run the same command again to resume"
             raise
         prog.done()
-    print(f"per-neuron ranges ready in {bounds.cache_dir(model)}")
+    if folder:
+        print(f"bracket constants of the counts stored in {folder}")
+    else:
+        print("no bracket constants stored: an adaptive softmax's are computed in each run")

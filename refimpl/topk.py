@@ -77,7 +77,7 @@ def top_ffn_subvalues(trace, w: int, t: int = -1, k: int = 10, readout="frozen",
         order = _sort_key(c, layer, neuron)[:k]
         return {"layer": layer[order], "neuron": neuron[order], "log_prob_increase": c[order],
                 "prob_increase": p[order], "scored": len(c)}
-    ups = [bounds.ffn_bounds(trace, i, w, t, R)[0] for i in range(L)]
+    ups = [bounds.ffn_upper(trace, i, w, t, R) for i in range(L)]
     layer = np.concatenate([np.full(len(u), i) for i, u in enumerate(ups)])
     neuron = np.concatenate([np.arange(len(u)) for u in ups])
     lay, neu, c, p, scored = _branch_and_bound(

@@ -63,4 +63,10 @@ def _check_cache(model_dir: str, hashes: dict, notes) -> list[str]:
             model = load(model_dir)
     except RefimplError as e:
         return [f"cache/: not checked: the model does not load ({e})"]
-    return cache.check(model, hashes, notes)
+    from .bounds import prepare_constants
+
+    def constants_of(dtype):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return prepare_constants(load(model_dir, dtype=dtype))
+    return cache.check(model, hashes, notes, constants_of)

@@ -1,7 +1,7 @@
 """Derived data is bound to the exact bytes it came from (docs/safety.md, "No stale answer").
 
-`refimpl prepare` stores a compute-dtype copy of the weights and the per-neuron score
-ranges. Whatever happens to the model or to those files afterwards (an ablation of the
+`refimpl prepare` stores a compute-dtype copy of the weights and the per-model constants
+of the counts' brackets. Whatever happens to the model or to those files afterwards (an ablation of the
 weights, a doctored or zeroed cache file, a file of the wrong shape), the next analysis
 gives exactly what the model on disk gives without any cache, and `refimpl verify`
 reports the cache files that do not match. The oracle throughout is the same model copied
@@ -151,41 +151,100 @@ def embedded_copy(tmp_path):
     return d
 
 
-def _counts(capfd, model):
-    return _locate(capfd, model, "The capital of France is", "--counts", "yes")["ffn_counts"]
+def _counts(capfd, model, *extra):
+    """The per-layer counts with certified share brackets (the brackets that use every stored
+    constant, the Gram matrix's lambda included)."""
+    return _locate(capfd, model, "The capital of France is", "--counts", "yes", "--share", "bound",
+                   *extra)["ffn_counts"]
 
 
-def test_zeroed_ranges_file_does_not_change_the_counts(tmp_path, capfd, embedded_copy):
-    """On main a zeroed ranges file silently changed the per-layer counts."""
+def _rewrite_record(model: Path, payload: Path) -> None:
+    """Make the manifest describe the payload as it is now (a doctoring that covers its tracks)."""
+    from refimpl import cache
+    man = payload.with_suffix(".json")
+    m = json.loads(man.read_text())
+    for r in m["payloads"]:
+        if r["name"] == payload.name:
+            r.update(cache.identity(str(payload)), sha256=cache.sha256_file(str(payload)))
+    man.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_prepared_constants_give_the_same_report(tmp_path, capfd, embedded_copy, dtype):
+    """The constants prepare stores are the floats each run computes: the whole report after
+    prepare equals the report of a copy that never had a cache, to the last bit."""
+    truth = _locate(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"), "The capital of France is",
+                    "--share", "bound", "--dtype", dtype)
+    assert cli(capfd, "prepare", "--model", embedded_copy, "--dtype", dtype)[0] == 0
+    assert (embedded_copy / "cache" / f"constants-{dtype}.values").exists()
+    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
+                       "--top", "3", "--share", "bound", "--dtype", dtype)
+    assert rc == 0 and err == "", err
+    got = json.loads(out)
+    got.pop("seconds", None)
+    got.pop("timing", None)
+    got.pop("model"), truth.pop("model")                              # its name and path
+    assert got == truth and got["ffn_counts"]
+
+
+def test_edited_constants_file_is_not_used_and_verify_reports_it(tmp_path, capfd, embedded_copy):
+    """Constants made 100 times smaller (brackets far too narrow) after prepare: not used (a
+    warning), the counts are the model's own, and verify names the file."""
     truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
     assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
-    (npz,) = _cache_files(embedded_copy, ".npz")
-    with np.load(npz) as f:
-        zero = {k: np.zeros_like(f[k]) for k in f.files}
-    np.savez(npz, **zero)
+    (vals,) = _cache_files(embedded_copy, ".values")
+    v = json.loads(vals.read_text())
+    v["lambda"] = {k: x / 100 for k, x in v["lambda"].items()}
+    v["readout"] = {k: [x[0] / 100, x[1]] for k, x in v["readout"].items()}
+    vals.write_text(json.dumps(v))
+    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
+                       "--top", "3", "--counts", "yes", "--share", "bound")
+    assert rc == 0 and "warning:" in err and "changed after it was written" in err, err
+    assert json.loads(out)["ffn_counts"] == truth
     rc, out, _ = cli(capfd, "verify", embedded_copy)
-    assert rc == 2 and npz.name in out
-    assert _counts(capfd, embedded_copy) == truth                   # the counts never read the ranges
-    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0  # prepare rebuilds the damaged entry
+    assert rc == 2 and vals.name in out
+    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0  # prepare rebuilds the entry
     assert cli(capfd, "verify", embedded_copy)[0] == 0
 
 
-@pytest.mark.parametrize("shape", [(2, 3), (0,), (4, 511)])
-def test_ranges_file_of_the_wrong_shape_is_no_traceback(tmp_path, capfd, embedded_copy, shape):
-    """On main a ranges file of the wrong shape gave a traceback."""
+def test_edited_constants_with_their_record_rewritten_are_caught(tmp_path, capfd, embedded_copy):
+    """The same edit with the manifest rewritten to match passes the hash checks; the spot check
+    on each use sees it (a warning, the constants are computed) and verify recomputes them."""
     truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
     assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
-    (npz,) = _cache_files(embedded_copy, ".npz")
-    with np.load(npz) as f:
-        bad = {k: np.ones(shape) for k in f.files}
-    np.savez(npz, **bad)
-    assert _counts(capfd, embedded_copy) == truth
+    (vals,) = _cache_files(embedded_copy, ".values")
+    v = json.loads(vals.read_text())
+    v["lambda"] = {k: x / 100 for k, x in v["lambda"].items()}
+    vals.write_text(json.dumps(v))
+    _rewrite_record(embedded_copy, vals)
+    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
+                       "--top", "3", "--counts", "yes", "--share", "bound")
+    assert rc == 0 and "spot check" in err and "lambda" in err, err
+    assert json.loads(out)["ffn_counts"] == truth
+    rc, out, _ = cli(capfd, "verify", embedded_copy)
+    assert rc == 2 and vals.name in out and "recomputed" in out, out
+
+
+@pytest.mark.parametrize("payload", ['[1, 2]', '{"readout": {}, "lambda": {}}', '{"readout": {"vocab": [1.0, -1.0]}, '
+                                     '"lambda": {"vocab|norm": 1.0, "vocab|raw": 1.0}}', 'not json', ''])
+def test_malformed_constants_are_no_traceback(tmp_path, capfd, embedded_copy, payload):
+    """A constants file that is not what prepare writes (its record rewritten to match): not
+    used (one warning), the counts are the model's own."""
+    truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
+    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
+    (vals,) = _cache_files(embedded_copy, ".values")
+    vals.write_text(payload)
+    _rewrite_record(embedded_copy, vals)
+    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
+                       "--top", "3", "--counts", "yes", "--share", "bound")
+    assert rc == 0 and err.startswith("warning:") and "Traceback" not in err, err
+    assert json.loads(out)["ffn_counts"] == truth
 
 
 def test_ablation_after_prepare_changes_the_counts_too(tmp_path, capfd, embedded_copy):
-    """The ranges depend on the weights: an edit after prepare must not reuse them."""
+    """The constants depend on the weights: an edit after prepare must not reuse them."""
     assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
-    _edit_tensor(embedded_copy / "model.safetensors", lambda n: n == "blocks.0.mlp.W_out", lambda a: 5 * a)
+    _edit_tensor(embedded_copy / "model.safetensors", lambda n: n in ("unembed.W_U", "embed.W_E"), lambda a: 5 * a)
     truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
     assert _counts(capfd, embedded_copy) == truth
 

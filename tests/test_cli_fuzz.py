@@ -242,8 +242,8 @@ def damages(draw):
                                            {"weight_map": {"embed.W_E": "model.safetensors"}}]))
     if kind == "extra-tensor-file":
         return kind, draw(st.sampled_from(["model-00002-of-00002.safetensors", "notes.json"]))
-    return kind, draw(st.sampled_from(["weights-float64.json", "ranges-frozen-float64.npz",
-                                       "ranges-frozen-float64.json", "weights-float64-L0000.safetensors"]))
+    return kind, draw(st.sampled_from(["weights-float64.json", "constants-float64.values", "constants-float64.json",
+                                       "ranges-frozen-float64.npz", "weights-float64-L0000.safetensors"]))
 
 
 def apply_damage(d: Path, damage):

@@ -131,59 +131,64 @@ def test_prepare_refuses_when_the_disk_is_too_small(capfd, model, monkeypatch):
 
 def _cache_bytes(model):
     return {f: (model / "cache" / f).read_bytes() for f in sorted(os.listdir(model / "cache"))
-            if f.endswith((".safetensors", ".npz"))}
+            if f.endswith((".safetensors", ".values"))}
 
 
 def test_interrupted_prepare_resumes(tmp_path, capfd, model, monkeypatch, no_delay):
-    """Ctrl-C in the weight copy, then in the ranges: each rerun continues, and the result is
-    byte for byte what one uninterrupted prepare writes."""
+    """Ctrl-C in the weight copy (twice, at different parts), then in the constants: each rerun
+    continues, and the result is byte for byte what one uninterrupted prepare writes."""
     from refimpl import bounds, cache
     reference = tmp_path / "ref"
     shutil.copytree(model, reference)
     assert cli(capfd, "prepare", "--model", reference)[0] == 0
     want = _cache_bytes(reference)
+    assert any(f.endswith(".values") for f in want) and any(f.endswith(".safetensors") for f in want)
 
     real_write = cache._atomic_write
 
-    def stop_at_second_layer(folder, name, write):
-        if name.endswith("-L0001.safetensors"):
-            raise KeyboardInterrupt
-        return real_write(folder, name, write)
-    monkeypatch.setattr(cache, "_atomic_write", stop_at_second_layer)
+    def stop_at(part):
+        def write(folder, name, fn):
+            if name.endswith(part):
+                raise KeyboardInterrupt
+            return real_write(folder, name, fn)
+        return write
+    monkeypatch.setattr(cache, "_atomic_write", stop_at("-L0001.safetensors"))
     rc, out, err = cli(capfd, "prepare", "--model", model)
     assert rc == 130 and err.splitlines()[-1].startswith("error: interrupted") and "resume" in err
-    monkeypatch.setattr(cache, "_atomic_write", real_write)
-
-    real_ranges, calls = bounds.compute_ranges, {"n": 0}
-
-    def stop_at_third_layer(R, chunk=512, layers=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_ranges(R, chunk, layers)
-    monkeypatch.setattr(bounds, "compute_ranges", stop_at_third_layer)
+    monkeypatch.setattr(cache, "_atomic_write", stop_at("-L0003.safetensors"))
     rc, out, err = cli(capfd, "prepare", "--model", model)
     assert rc == 130 and "resuming: 1 of 5 parts of the weight copy are already written" in err
-    monkeypatch.setattr(bounds, "compute_ranges", real_ranges)
+    monkeypatch.setattr(cache, "_atomic_write", real_write)
+
+    real_constants = bounds.prepare_constants
+
+    def stop(model):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bounds, "prepare_constants", stop)
+    rc, out, err = cli(capfd, "prepare", "--model", model)
+    assert rc == 130 and "resuming: 3 of 5 parts of the weight copy are already written" in err
+    assert not (model / "cache" / "constants-float64.json").exists()
+    monkeypatch.setattr(bounds, "prepare_constants", real_constants)
 
     rc, out, err = cli(capfd, "prepare", "--model", model)
-    assert rc == 0 and "resuming: ranges of 2 of 4 layers are already computed" in err
+    assert rc == 0 and "bracket constants" in out
     assert _cache_bytes(model) == want
     assert cli(capfd, "verify", model)[0] == 0
 
 
-def test_ctrl_c_in_a_real_process(tmp_path, capfd, model):
-    """SIGINT to a running `refimpl prepare` (slowed down per layer): exit 130, and the next run resumes."""
-    script = ("import sys, time\nfrom refimpl import bounds\nreal = bounds.compute_ranges\n"
-              "def slow(R, chunk=512, layers=None):\n    time.sleep(0.4)\n    return real(R, chunk, layers)\n"
-              "bounds.compute_ranges = slow\nfrom refimpl import progress\nprogress.DELAY = 0\n"
+def test_ctrl_c_in_a_real_process(tmp_path, capfd, model, no_delay):
+    """SIGINT to a running `refimpl prepare` (slowed down per part of the weight copy): exit 130,
+    and the next run resumes."""
+    script = ("import sys, time\nfrom refimpl import cache\nreal = cache._atomic_write\n"
+              "def slow(folder, name, write):\n    time.sleep(0.4)\n    return real(folder, name, write)\n"
+              "cache._atomic_write = slow\nfrom refimpl import progress\nprogress.DELAY = 0\n"
               "from refimpl.cli import main\n"
-              f"sys.exit(main(['prepare', '--model', {str(model)!r}, '--weight-cache', 'no']))\n")
+              f"sys.exit(main(['prepare', '--model', {str(model)!r}]))\n")
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))}
     p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env,
                          preexec_fn=_sigint_default)
     t0 = time.time()
-    manifest = model / "cache" / "ranges-frozen-float64.json"
+    manifest = model / "cache" / "weights-float64.json"
     while not manifest.exists():
         assert p.poll() is None and time.time() - t0 < 60, p.stderr.read()
         time.sleep(0.02)
@@ -191,8 +196,8 @@ def test_ctrl_c_in_a_real_process(tmp_path, capfd, model):
     assert p.wait(60) == 130
     err = p.stderr.read()
     assert err.splitlines()[-1].startswith("error: interrupted") and "resume" in err
-    rc, out, err = cli(capfd, "prepare", "--model", model, "--weight-cache", "no")
-    assert rc == 0
+    rc, out, err = cli(capfd, "prepare", "--model", model)
+    assert rc == 0 and "resuming" in err
     assert cli(capfd, "verify", model)[0] == 0
 
 

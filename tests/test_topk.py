@@ -105,8 +105,7 @@ def check_bounds(model, tr, w, t, readout, rng, n_random=8):
     for i, L in enumerate(tr.layers):
         base = L.lres[tt]
         lower, upper, _ = bounds.ffn_brackets(tr, i, w, tt, R)
-        up_only, none = bounds.ffn_bounds(tr, i, w, tt, R)
-        assert none is None
+        up_only = bounds.ffn_upper(tr, i, w, tt, R)
         c = np.array([S.C(base, v, w)[0] for v in slow_ffn_subvalues(model, tr, i, tt)])
         assert np.all(lower <= upper)
         for lo, up in ((lower, upper), (lower, up_only)):
@@ -179,15 +178,3 @@ def test_pruning_on_realistic_models(name):
           f"max {max(small):.3f}; helpful/unhelpful counts scored at most {max(counted):.3f}")
     for K, n in pruned.items():
         assert n > 0, f"{name}: the bounds never pruned the top-{K} search"
-
-
-def test_range_cache_is_per_dtype():
-    """Ranges cached by a float32 session must not be reused by a float64 one: their rounding
-    (~1e-7 relative) is far above the 1e-9 safety margin the lower bound relies on."""
-    sizes = dict(n_layers=2, d_model=32, d_ff=64, d_vocab=300)
-    m32 = random_model("gpt2", dtype="float32", seed=77, **sizes)
-    bounds.neuron_ranges(refimpl.run(m32, [3, 4, 5]).readout())           # written to the model's cache first
-    m64 = random_model("gpt2", dtype="float64", seed=77, **sizes)
-    R = refimpl.run(m64, [3, 4, 5]).readout()
-    cached, exact = bounds.neuron_ranges(R)["vocab"], bounds.compute_ranges(R)["vocab"] / (1 + bounds.RANGE_SAFETY)
-    assert np.all(cached >= exact)
