@@ -209,9 +209,10 @@ def measure_one(spec, kind, dt, variant, n, opts) -> None:
                 for name in os.listdir(d):                                  # the same files (hard links)
                     if os.path.isfile(os.path.join(d, name)):
                         os.link(os.path.join(d, name), os.path.join(tmp, name))
+                la = os.getloadavg()[0]
                 prep = R.child([R.PY, "-m", "refimpl", "prepare", "--model", tmp, "--dtype", dt, "--quiet"],
                                f"speed-{spec.name}-prepare-{key}")
-                rec.setdefault(f"{key}_prepare", []).append(prep)
+                rec.setdefault(f"{key}_prepare", []).append({**prep, "loadavg_before": la})
                 locate_run(tmp, dt, f"speed-{spec.name}-warmup-{key}", extra)
             runs.append(locate_run(tmp, dt, f"speed-{spec.name}-{key}-{k}", extra))
             if len(runs) == n:
@@ -351,8 +352,9 @@ def section() -> str:
     for n, r in recs.items():
         for k, runs in r.items():
             if isinstance(runs, list) and runs and isinstance(runs[0], dict) and "wall_s" in runs[0]:
-                out.append(f"- {n} {k}: " + ", ".join(f"{x['wall_s']:.2f}/{x['maxrss_mb']:.0f}/{x['loadavg_before']:.1f}"
-                                                      for x in runs))
+                out.append(f"- {n} {k}: " + ", ".join(
+                    f"{x['wall_s']:.2f}/{x['maxrss_mb']:.0f}/" + ("?" if x.get("loadavg_before") is None
+                                                                  else f"{x['loadavg_before']:.1f}") for x in runs))
     out.append(END)
     return "\n".join(out)
 
