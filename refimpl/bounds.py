@@ -250,7 +250,7 @@ class ModelConstants:
     unembedding, never the model's weight cache, which is not shared between threads); the
     caller keeps the BLAS thread count at one until wait() (the constants' last bits must not
     depend on it). With `stored` (what `refimpl prepare` stored, see load_stored_constants) the
-    thread only spot-checks them (check_stored_constants, ~0.2 s) and computes them only if
+    thread only spot-checks them (check_stored_constants, ~0.1 s) and computes them only if
     the check fails (a warning at wait()). wait() re-raises the thread's error."""
 
     def __init__(self, R: Readout, spectral: bool, stored: dict | None = None):

@@ -187,6 +187,21 @@ def test_prepared_constants_give_the_same_report(tmp_path, capfd, embedded_copy,
     assert got == truth and got["ffn_counts"]
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_prepared_constants_of_an_fp16_llama_pass_their_spot_check(tmp_path, capfd, llama, dtype):
+    """RMSNorm (no centring), fp16 weights widened block by block: honest stored constants pass
+    the spot check (no warning) and the report equals that of a copy without any cache."""
+    args = ("--ids", "1,5,9,3", "--counts", "yes", "--share", "bound", "--dtype", dtype)
+    truth = _locate(capfd, _fresh_copy(llama, tmp_path / "oracle"), *args)
+    assert cli(capfd, "prepare", "--model", llama, "--dtype", dtype)[0] == 0
+    rc, out, err = cli(capfd, "locate", "--model", llama, "--json", "--top", "3", *args)
+    assert rc == 0 and err == "", err
+    got = json.loads(out)
+    for r in (got, truth):
+        r.pop("seconds", None), r.pop("timing", None), r.pop("model")
+    assert got == truth and got["ffn_counts"]
+
+
 def test_edited_constants_file_is_not_used_and_verify_reports_it(tmp_path, capfd, embedded_copy):
     """Constants made 100 times smaller (brackets far too narrow) after prepare: not used (a
     warning), the counts are the model's own, and verify names the file."""
