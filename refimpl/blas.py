@@ -48,11 +48,32 @@ def _funcs():
                     if hasattr(lib, s) and hasattr(lib, g):
                         setf, getf = getattr(lib, s), getattr(lib, g)
                         setf.argtypes, setf.restype, getf.restype = [ctypes.c_int], None, ctypes.c_int
-                        _LIB = (setf, getf)
+                        _LIB = (setf, getf, lib)
                         break
         except (OSError, AttributeError, ValueError):
             _LIB = False
     return _LIB
+
+
+def identity() -> str:
+    """What the last bits of a product depend on besides its inputs and the thread count:
+    numpy's version and its BLAS (OpenBLAS's build configuration and the CPU kernel it chose).
+    Derived data whose bits must equal a fresh computation records it (refimpl/cache.py)."""
+    import numpy as np
+    out = f"numpy {np.__version__}"
+    f = _funcs()
+    if not f:
+        return out + "; BLAS unknown"
+    import ctypes
+    lib = f[2]
+    for name in ("get_config", "get_corename"):
+        for sym in (f"scipy_openblas_{name}64_", f"openblas_{name}64_", f"openblas_{name}"):
+            if hasattr(lib, sym):
+                fn = getattr(lib, sym)
+                fn.restype = ctypes.c_char_p
+                out += "; " + (fn() or b"").decode("ascii", "replace").strip()
+                break
+    return out
 
 
 def threads() -> int | None:
@@ -68,7 +89,7 @@ def blas_threads(n: int | None):
     if not f or n is None:
         yield
         return
-    setf, getf = f
+    setf, getf = f[0], f[1]
     old = getf()
     if old == n:
         yield

@@ -349,7 +349,10 @@ def _power_rayleigh(W: np.ndarray, dtype, gam: np.ndarray, centre: bool, steps: 
     x = np.random.default_rng(0).standard_normal(d)                          # [d]
     rq = 0.0
     for _ in range(steps):
-        x = x / np.linalg.norm(x)
+        nx = float(np.linalg.norm(x))
+        if not nx > 0:                                                       # a zero map: quotient 0
+            break
+        x = x / nx
         y = gam * (x - x.mean() if centre else x)                            # N1 x [d]
         s = Wt(y)
         s -= s.mean()                                                        # C N1 x [V]
@@ -362,41 +365,48 @@ def _power_rayleigh(W: np.ndarray, dtype, gam: np.ndarray, centre: bool, steps: 
 
 def check_stored_constants(R: Readout, v: dict, spectral: bool = True, n_cols: int = 64,
                            steps: int = 2) -> str | None:
-    """None if stored constants pass a spot check against the model's own unembedding, else why
-    not. Their record (sha256, file identities) already guards against corruption and a changed
+    """None if stored constants pass a check against the model's own unembedding, else why not.
+    Their record (sha256, file identities) already guards against corruption and a changed
     model; this catches constants edited together with their record, as the weight copy's spot
-    check does: W >= and B^2 >= the (centred) norms of n_cols columns, and (spectral) R's lambda >= the
-    largest Rayleigh quotient of `steps` power iterations (with relative margins of 1e-6 for the
-    column norms, computed in float64, and 1e-3 for the quotient, from float32 products). A spot check: it catches constants made much smaller, not
-    a slight edit; `refimpl verify` recomputes them all."""
+    check does. One pass over the columns a_j (float64, as the weights are) gives their mean and
+    largest norm: W must be that norm (relative 1e-6); B^2 at least the centred norms of n_cols
+    columns and at most 4 W^2; (spectral) R's lambda at least the largest Rayleigh quotient of
+    `steps` power iterations (margin 1e-3: float32 products) and at most max|gamma|^2 sum_j
+    |a_j|^2 (its trace bound). Values too small would make the brackets too narrow: caught
+    down to ~0.7 of lambda (two power steps); larger values only widen the brackets (the counts
+    stay exact). `refimpl verify` recomputes them all."""
     from . import cache
     m = R.model
     key = _lambda_key(R, "vocab")
     try:
-        B2, Wn = v["readout"]["vocab"]
-        lam = v["lambda"]["|".join(key)]
+        B2, Wn = (float(x) for x in v["readout"]["vocab"])
+        lam = float(v["lambda"]["|".join(key)])
     except (KeyError, TypeError, ValueError):
         return f"{cache.cache_dir(m)}: the stored bracket constants do not cover this readout; computed instead"
     W = m.stored("unembed.W_U")                                              # [d, V]
     d, V = W.shape
+    s1, w2max, fro = np.zeros(d), 0.0, 0.0
+    for _, b in column_blocks64(W, 4096, m.dtype):                           # [d, n_b] as the weights are
+        s1 += b.sum(1)
+        n2 = np.einsum("ij,ij->j", b, b)                                     # [n_b] column norms^2
+        w2max, fro = max(w2max, float(n2.max())), fro + float(n2.sum())
+    mu = s1 / V                                                              # mean column [d]
+    Wt = float(np.sqrt(w2max))
     cols = np.unique(np.linspace(0, V - 1, n_cols).astype(np.int64))
     A = np.asarray(np.asarray(W[:, cols], m.dtype), np.float64)              # [d, n] as the weights are
-    if W.dtype == np.float32 or m.dtype == W.dtype:
-        mu = W.sum(1, dtype=np.float64) / V                                  # mean column [d]
-    else:
-        mu = sum(b.sum(1) for _, b in column_blocks64(W, 1024, m.dtype)) / V
-    tol, bad = 1 + 1e-6, []
-    if (A * A).sum(0).max() > Wn ** 2 * tol:
+    bad = []
+    if not abs(Wn - Wt) <= 1e-6 * Wt + 1e-300:
         bad.append("W")
-    if ((A - mu[:, None]) ** 2).sum(0).max() > B2 * tol:
+    if not (((A - mu[:, None]) ** 2).sum(0).max() <= B2 * (1 + 1e-6) and B2 <= 4 * w2max * (1 + 1e-6) + 1e-299):
         bad.append("B")
     gam = np.asarray(R.gamma, np.float64) if R.has_norm else np.ones(d)
-    if spectral and _power_rayleigh(W, m.dtype, gam, R.has_norm and R.centre, steps) > lam * (1 + 1e-3):
+    if spectral and not (_power_rayleigh(W, m.dtype, gam, R.has_norm and R.centre, steps) <= lam * (1 + 1e-3)
+                         and lam <= float(np.abs(gam).max()) ** 2 * fro * 1.01 + 1e-299):
         bad.append("lambda")
     if bad:
-        return (f"{cache.cache_dir(m)}: the stored bracket constants ({', '.join(bad)}) are smaller than a spot "
-                f"check of the model's unembedding allows (edited?); not used, computed instead (run "
-                f"`refimpl verify`, then `refimpl prepare`)")
+        return (f"{cache.cache_dir(m)}: the stored bracket constants ({', '.join(bad)}) do not match a check "
+                f"against the model's unembedding (edited?); not used, computed instead (run `refimpl verify`, "
+                f"then `refimpl prepare`)")
     return None
 
 
@@ -407,6 +417,9 @@ def prepare_constants(model) -> dict:
     stores; {} for an adaptive softmax, whose constants are computed in each run)."""
     if model.cfg.unembedding == "adaptive":
         return {}
+    for _, blk in column_blocks64(model.stored("unembed.W_U"), 4096, model.dtype):
+        if not np.isfinite(blk).all():
+            raise RefimplError(f"{model.path}: non-finite values (NaN/Inf) in unembed.W_U; run `refimpl verify`")
     out = {"readout": {}, "lambda": {}}
     for kind in ("frozen", "raw"):
         R = Readout(model, np.ones(model.cfg.d_model), kind)

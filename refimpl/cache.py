@@ -410,21 +410,28 @@ def constants_entry(model) -> str:
     return f"constants-{model.dtype.name}"
 
 
-def _constants_params(model) -> dict:
-    return {"dtype": model.dtype.name, "d_model": model.cfg.d_model, "d_vocab": model.cfg.d_vocab}
+def _constants_params(model, dtype: str | None = None) -> dict:
+    """What the constants' last bits depend on: the dtype, the shapes, and numpy's BLAS and the
+    CPU kernel it runs (lambda comes from float32 products and an eigensolver), so an entry made
+    on another machine or before an upgrade is not used (the counts' brackets would differ in
+    their last bits from those of a run without it)."""
+    from .blas import identity
+    return {"dtype": dtype or model.dtype.name, "d_model": model.cfg.d_model, "d_vocab": model.cfg.d_vocab,
+            "numerics": identity()}
 
 
-def _positive(x) -> bool:
-    return isinstance(x, float) and np.isfinite(x) and x > 0
+def _finite(x, positive: bool) -> bool:
+    return isinstance(x, float) and bool(np.isfinite(x)) and (x > 0 if positive else x >= 0)
 
 
 def _valid_constants(v) -> bool:
-    """{"readout": {part: [B^2, W]}, "lambda": {"part|norm" or "part|raw": lambda}}, positive floats."""
+    """{"readout": {part: [B^2 > 0, W >= 0]}, "lambda": {"part|norm" or "part|raw": lambda > 0}},
+    finite floats."""
     return (isinstance(v, dict) and set(v) == {"readout", "lambda"}
             and isinstance(v["readout"], dict) and isinstance(v["lambda"], dict)
-            and all(isinstance(k, str) and isinstance(x, list) and len(x) == 2 and all(map(_positive, x))
-                    for k, x in v["readout"].items())
-            and all(isinstance(k, str) and _positive(x) for k, x in v["lambda"].items()))
+            and all(isinstance(k, str) and isinstance(x, list) and len(x) == 2 and _finite(x[0], True)
+                    and _finite(x[1], False) for k, x in v["readout"].items())
+            and all(isinstance(k, str) and _finite(x, True) for k, x in v["lambda"].items()))
 
 
 def load_constants(model) -> tuple[dict | None, str | None]:
@@ -532,15 +539,23 @@ def _check_entry(model, folder, shown, entry, m, source_hashes, notes, constants
         out += _compare_weights(model, folder, shown, entry, m, np.dtype(m["params"]["dtype"]))
     if m["kind"] == "constants" and constants_of is not None and m["params"].get("dtype") in ("float32", "float64") \
             and len(m["payloads"]) == 1:
+        name = printable(m["payloads"][0]["name"])
+        if m["params"] != _constants_params(model, m["params"]["dtype"]):
+            if notes is not None:
+                notes.append(f"{shown}/{entry}: made with other numerics or settings ({m['params'].get('numerics')}); "
+                             f"not used here")
+            return out
         path = os.path.join(folder, m["payloads"][0]["name"])
         try:
             stored = parse_json(read_text(path, "json"), path)
-        except FormatError as e:
-            return out + [f"{shown}/{printable(m['payloads'][0]['name'])}: {e}"]
-        if stored != constants_of(m["params"]["dtype"]):
-            out.append(f"{shown}/{printable(m['payloads'][0]['name'])}: differs from the constants of the model's "
-                       f"weights (recomputed); it is not used only if its record no longer matches: run "
+        except FormatError:
+            stored = None
+        if not _valid_constants(stored):
+            out.append(f"{shown}/{name}: not a set of bracket constants (damaged); it is not used: run "
                        f"`refimpl prepare` to rebuild it")
+        elif stored != constants_of(m["params"]["dtype"]):
+            out.append(f"{shown}/{name}: differs from the constants of the model's weights (recomputed here); "
+                       f"run `refimpl prepare` to rebuild it")
     return out
 
 

@@ -222,22 +222,73 @@ def test_edited_constants_file_is_not_used_and_verify_reports_it(tmp_path, capfd
     assert cli(capfd, "verify", embedded_copy)[0] == 0
 
 
-def test_edited_constants_with_their_record_rewritten_are_caught(tmp_path, capfd, embedded_copy):
-    """The same edit with the manifest rewritten to match passes the hash checks; the spot check
-    on each use sees it (a warning, the constants are computed) and verify recomputes them."""
-    truth = _counts(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"))
+@pytest.mark.parametrize("edit", ["lambda / 100", "lambda * 1e300", "B2 / 100", "B2 * 1e300", "W * 0.999",
+                                  "W * 1e200"])
+def test_edited_constants_with_their_record_rewritten_are_caught(tmp_path, capfd, embedded_copy, edit):
+    """Constants edited with the manifest rewritten to match pass the hash checks; the check on
+    each use sees them (a warning, the constants are computed: no traceback, no overflow) and
+    verify recomputes them. Too small would make the brackets too narrow (wrong counts), too
+    large would only widen them (different share brackets)."""
+    truth = _locate(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"), "The capital of France is",
+                    "--counts", "yes", "--share", "bound")
     assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
     (vals,) = _cache_files(embedded_copy, ".values")
     v = json.loads(vals.read_text())
-    v["lambda"] = {k: x / 100 for k, x in v["lambda"].items()}
+    what, op, x = edit.split()
+    f = (lambda a: a / float(x)) if op == "/" else (lambda a: a * float(x))
+    if what == "lambda":
+        v["lambda"] = {k: f(a) for k, a in v["lambda"].items()}
+    else:
+        i = 0 if what == "B2" else 1
+        v["readout"] = {k: [f(a) if j == i else a for j, a in enumerate(pair)] for k, pair in v["readout"].items()}
     vals.write_text(json.dumps(v))
     _rewrite_record(embedded_copy, vals)
     rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
                        "--top", "3", "--counts", "yes", "--share", "bound")
-    assert rc == 0 and "spot check" in err and "lambda" in err, err
-    assert json.loads(out)["ffn_counts"] == truth
+    assert rc == 0 and err.count("\n") == 1 and "do not match a check" in err and f"({what[0]}" in err, err
+    got = json.loads(out)
+    assert len(got.pop("warnings")) == 1 and not truth.pop("warnings")
+    got.pop("seconds", None), got.pop("timing", None), got.pop("model"), truth.pop("model")
+    assert got == truth
     rc, out, _ = cli(capfd, "verify", embedded_copy)
     assert rc == 2 and vals.name in out and "recomputed" in out, out
+
+
+def test_constants_made_with_other_numerics_are_not_used(tmp_path, capfd, embedded_copy, monkeypatch):
+    """lambda's last bits depend on the BLAS kernel: constants stored by another numpy/BLAS/CPU
+    (here: blas.identity() says so) are not used (a warning) and verify only notes them."""
+    from refimpl import blas
+    truth = _locate(capfd, _fresh_copy(embedded_copy, tmp_path / "oracle"), "The capital of France is",
+                    "--counts", "yes", "--share", "bound")
+    real = blas.identity
+    monkeypatch.setattr(blas, "identity", lambda: "numpy 0.0; another BLAS; another CPU")
+    assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
+    monkeypatch.setattr(blas, "identity", real)
+    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
+                       "--top", "3", "--counts", "yes", "--share", "bound")
+    assert rc == 0 and "constants-float64: built for other settings" in err, err
+    got = json.loads(out)
+    assert len(got.pop("warnings")) == 1 and not truth.pop("warnings")
+    got.pop("seconds", None), got.pop("timing", None), got.pop("model"), truth.pop("model")
+    assert got == truth
+    assert cli(capfd, "verify", embedded_copy)[0] == 0
+
+
+@pytest.mark.parametrize("unembedding", ["zero", "nan"])
+def test_prepare_on_a_degenerate_unembedding(tmp_path, capfd, unembedding):
+    """An all-zero unembedding has constants (W = 0); one with a NaN is one error line."""
+    from tests.test_robustness import assert_one_error_line
+    d = tmp_path / "m"
+    write_random_model(str(d), random_config("gpt2", d_vocab=60, n_layers=2), seed=1)
+    fn = np.zeros_like if unembedding == "zero" else (lambda a: np.where(np.arange(a.size) == 3, np.nan, a))
+    _edit_tensor(d / "model.safetensors", lambda n: n in ("embed.W_E", "unembed.W_U"), fn)
+    rc, out, err = cli(capfd, "prepare", "--model", d, "--quiet")
+    if unembedding == "nan":
+        assert_one_error_line(rc, err, "non-finite", "unembed.W_U")
+        return
+    assert rc == 0 and err == "", err
+    rc, out, err = cli(capfd, "locate", "--model", d, "--ids", "1,5,9", "--counts", "yes", "--share", "bound")
+    assert rc == 0 and err == "", err
 
 
 @pytest.mark.parametrize("payload", ['[1, 2]', '{"readout": {}, "lambda": {}}', '{"readout": {"vocab": [1.0, -1.0]}, '
