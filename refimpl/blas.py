@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-_LIB = None         # (set, get) ctypes functions, or False when not available
+_LIB = None         # (set, get, library): OpenBLAS's thread-count functions, or False when not available
 
 
 def _funcs():
@@ -62,8 +62,15 @@ def identity() -> str:
     import numpy as np
     out = f"numpy {np.__version__}"
     f = _funcs()
-    if not f:
-        return out + "; BLAS unknown"
+    if not f:                                 # another BLAS: at least the CPU it runs on
+        import platform
+        cpu = platform.machine()
+        try:
+            with open("/proc/cpuinfo", errors="replace") as fh:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        return out + f"; BLAS unknown; CPU {cpu}"
     import ctypes
     lib = f[2]
     for name in ("get_config", "get_corename"):

@@ -126,3 +126,17 @@ def test_an_error_in_the_constants_reaches_the_caller_and_restores_the_thread_co
         with pytest.raises(MemoryError, match="no room"):
             locate(m, "t5 t9 t17 t3")
         assert blas.threads() == 2
+
+
+def test_identity_names_what_the_last_bits_depend_on(monkeypatch):
+    """blas.identity() binds stored constants to numpy, its BLAS build and CPU kernel (refimpl/cache.py);
+    with a BLAS it cannot read, it still names the CPU, and it never raises."""
+    import numpy as np
+    from refimpl import blas
+    got = blas.identity()
+    assert f"numpy {np.__version__}" in got
+    if blas.threads() is not None:                    # numpy's OpenBLAS was found: its build and kernel
+        assert "OpenBLAS" in got and got.count(";") >= 2, got
+    monkeypatch.setattr(blas, "_LIB", False)
+    other = blas.identity()
+    assert "BLAS unknown" in other and "CPU" in other and other != got
