@@ -144,6 +144,18 @@ def _part_matrix_columns(R: Readout, part: Part):
     yield np.concatenate([np.asarray(part.scores(eye[s:s + 256]), np.float64) for s in range(0, d, 256)], 0).T
 
 
+def _column_moments(R: Readout, part: Part) -> tuple[np.ndarray, float, float]:
+    """One pass over the part's score-map columns a_j (float64, as the weights are): their mean
+    [d], the largest |a_j|^2 and sum_j |a_j|^2."""
+    total, n, W2, fro = 0.0, 0, 0.0, 0.0
+    for b in _part_matrix_columns(R, part):                                  # [n_b, d]
+        total = total + b.sum(0)
+        n += b.shape[0]
+        n2 = np.einsum("ij,ij->i", b, b)                                     # [n_b] squared norms
+        W2, fro = max(W2, float(n2.max())), fro + float(n2.sum())
+    return total / n, W2, fro
+
+
 def readout_constants(R: Readout, w: int) -> list[tuple[float, float]]:
     """Per part of target w: (B^2, W) with B = max centred column norm of the part's score map
     (the slack) and W = max uncentred column norm (rounding margins), in float64, inflated
@@ -154,12 +166,7 @@ def readout_constants(R: Readout, w: int) -> list[tuple[float, float]]:
     for part in parts(R, w):
         key = (part.name,)
         if key not in memo:
-            total, n, W2 = 0.0, 0, 0.0
-            for b in _part_matrix_columns(R, part):                          # [n_b, d]
-                total = total + b.sum(0)
-                n += b.shape[0]
-                W2 = max(W2, float(np.einsum("ij,ij->i", b, b).max()))
-            mu = total / n                                                   # [d] mean column
+            mu, W2, _ = _column_moments(R, part)                             # [d] mean column
             B2 = 0.0
             for b in _part_matrix_columns(R, part):
                 c = b - mu                                                   # [n_b, d]
@@ -385,12 +392,7 @@ def check_stored_constants(R: Readout, v: dict, spectral: bool = True, n_cols: i
         return f"{cache.cache_dir(m)}: the stored bracket constants do not cover this readout; computed instead"
     W = m.stored("unembed.W_U")                                              # [d, V]
     d, V = W.shape
-    s1, w2max, fro = np.zeros(d), 0.0, 0.0
-    for _, b in column_blocks64(W, 4096, m.dtype):                           # [d, n_b] as the weights are
-        s1 += b.sum(1)
-        n2 = np.einsum("ij,ij->j", b, b)                                     # [n_b] column norms^2
-        w2max, fro = max(w2max, float(n2.max())), fro + float(n2.sum())
-    mu = s1 / V                                                              # mean column [d]
+    mu, w2max, fro = _column_moments(R, parts(R, 0)[0])                     # [d], floats
     Wt = float(np.sqrt(w2max))
     cols = np.unique(np.linspace(0, V - 1, n_cols).astype(np.int64))
     A = np.asarray(np.asarray(W[:, cols], m.dtype), np.float64)              # [d, n] as the weights are

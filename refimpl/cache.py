@@ -434,6 +434,15 @@ def _valid_constants(v) -> bool:
             and all(isinstance(k, str) and _finite(x, True) for k, x in v["lambda"].items()))
 
 
+def _read_constants(path: str) -> dict | None:
+    """A constants payload if it is one (_valid_constants), else None."""
+    try:
+        v = parse_json(read_text(path, "json"), path)
+    except FormatError:
+        return None
+    return v if _valid_constants(v) else None
+
+
 def load_constants(model) -> tuple[dict | None, str | None]:
     """The stored per-model bracket constants if fresh (bound to the model's exact files and
     re-hashed on every use), or (None, why not): None when there is no entry at all."""
@@ -443,12 +452,8 @@ def load_constants(model) -> tuple[dict | None, str | None]:
     where = os.path.join(cache_dir(model), constants_entry(model))
     if len(m["payloads"]) != 1:
         return None, f"{where}: damaged cache manifest; not used"
-    path = os.path.join(cache_dir(model), m["payloads"][0]["name"])
-    try:
-        v = parse_json(read_text(path, "json"), path)
-    except FormatError:
-        v = None
-    if not _valid_constants(v):
+    v = _read_constants(os.path.join(cache_dir(model), m["payloads"][0]["name"]))
+    if v is None:
         return None, f"{where}: damaged; not used"
     return v, None
 
@@ -545,12 +550,8 @@ def _check_entry(model, folder, shown, entry, m, source_hashes, notes, constants
                 notes.append(f"{shown}/{entry}: made with other numerics or settings ({m['params'].get('numerics')}); "
                              f"not used here")
             return out
-        path = os.path.join(folder, m["payloads"][0]["name"])
-        try:
-            stored = parse_json(read_text(path, "json"), path)
-        except FormatError:
-            stored = None
-        if not _valid_constants(stored):
+        stored = _read_constants(os.path.join(folder, m["payloads"][0]["name"]))
+        if stored is None:
             out.append(f"{shown}/{name}: not a set of bracket constants (damaged); it is not used: run "
                        f"`refimpl prepare` to rebuild it")
         elif stored != constants_of(m["params"]["dtype"]):
