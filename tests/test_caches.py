@@ -23,13 +23,23 @@ from refimpl.synthetic import random_config, write_random_model
 from tests.test_robustness import cli
 
 
-def _locate(capfd, model, *extra):
+def _locate_and_err(capfd, model, *extra):
+    """`locate --json --top 3` on `model`: (the report without its timings, stderr)."""
     rc, out, err = cli(capfd, "locate", "--model", model, "--json", "--top", "3", *extra)
     assert rc == 0, err
     r = json.loads(out)
     r.pop("seconds", None)
     r.pop("timing", None)
-    return r
+    return r, err
+
+
+def _locate(capfd, model, *extra):
+    return _locate_and_err(capfd, model, *extra)[0]
+
+
+def _same_model_report(a: dict, b: dict) -> bool:
+    """Whether two reports of copies of one model agree (the model's name and path aside)."""
+    return {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in b.items() if k != "model"}
 
 
 def _fresh_copy(model: Path, dst: Path) -> Path:
@@ -177,14 +187,10 @@ def test_prepared_constants_give_the_same_report(tmp_path, capfd, embedded_copy,
                     "--share", "bound", "--dtype", dtype)
     assert cli(capfd, "prepare", "--model", embedded_copy, "--dtype", dtype)[0] == 0
     assert (embedded_copy / "cache" / f"constants-{dtype}.values").exists()
-    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
-                       "--top", "3", "--share", "bound", "--dtype", dtype)
-    assert rc == 0 and err == "", err
-    got = json.loads(out)
-    got.pop("seconds", None)
-    got.pop("timing", None)
-    got.pop("model"), truth.pop("model")                              # its name and path
-    assert got == truth and got["ffn_counts"]
+    got, err = _locate_and_err(capfd, embedded_copy, "The capital of France is", "--share", "bound",
+                               "--dtype", dtype)
+    assert err == "", err
+    assert _same_model_report(got, truth) and got["ffn_counts"]
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -194,12 +200,9 @@ def test_prepared_constants_of_an_fp16_llama_pass_their_spot_check(tmp_path, cap
     args = ("--ids", "1,5,9,3", "--counts", "yes", "--share", "bound", "--dtype", dtype)
     truth = _locate(capfd, _fresh_copy(llama, tmp_path / "oracle"), *args)
     assert cli(capfd, "prepare", "--model", llama, "--dtype", dtype)[0] == 0
-    rc, out, err = cli(capfd, "locate", "--model", llama, "--json", "--top", "3", *args)
-    assert rc == 0 and err == "", err
-    got = json.loads(out)
-    for r in (got, truth):
-        r.pop("seconds", None), r.pop("timing", None), r.pop("model")
-    assert got == truth and got["ffn_counts"]
+    got, err = _locate_and_err(capfd, llama, *args)
+    assert err == "", err
+    assert _same_model_report(got, truth) and got["ffn_counts"]
 
 
 def test_edited_constants_file_is_not_used_and_verify_reports_it(tmp_path, capfd, embedded_copy):
@@ -243,13 +246,10 @@ def test_edited_constants_with_their_record_rewritten_are_caught(tmp_path, capfd
         v["readout"] = {k: [f(a) if j == i else a for j, a in enumerate(pair)] for k, pair in v["readout"].items()}
     vals.write_text(json.dumps(v))
     _rewrite_record(embedded_copy, vals)
-    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
-                       "--top", "3", "--counts", "yes", "--share", "bound")
-    assert rc == 0 and err.count("\n") == 1 and "do not match a check" in err and f"({what[0]}" in err, err
-    got = json.loads(out)
+    got, err = _locate_and_err(capfd, embedded_copy, "The capital of France is", "--counts", "yes", "--share", "bound")
+    assert err.count("\n") == 1 and "do not match a check" in err and f"({what[0]}" in err, err
     assert len(got.pop("warnings")) == 1 and not truth.pop("warnings")
-    got.pop("seconds", None), got.pop("timing", None), got.pop("model"), truth.pop("model")
-    assert got == truth
+    assert _same_model_report(got, truth)
     rc, out, _ = cli(capfd, "verify", embedded_copy)
     assert rc == 2 and vals.name in out and "recomputed" in out, out
 
@@ -264,13 +264,10 @@ def test_constants_made_with_other_numerics_are_not_used(tmp_path, capfd, embedd
     monkeypatch.setattr(blas, "identity", lambda: "numpy 0.0; another BLAS; another CPU")
     assert cli(capfd, "prepare", "--model", embedded_copy)[0] == 0
     monkeypatch.setattr(blas, "identity", real)
-    rc, out, err = cli(capfd, "locate", "--model", embedded_copy, "The capital of France is", "--json",
-                       "--top", "3", "--counts", "yes", "--share", "bound")
-    assert rc == 0 and "constants-float64: built for other settings" in err, err
-    got = json.loads(out)
+    got, err = _locate_and_err(capfd, embedded_copy, "The capital of France is", "--counts", "yes", "--share", "bound")
+    assert "constants-float64: built for other settings" in err, err
     assert len(got.pop("warnings")) == 1 and not truth.pop("warnings")
-    got.pop("seconds", None), got.pop("timing", None), got.pop("model"), truth.pop("model")
-    assert got == truth
+    assert _same_model_report(got, truth)
     assert cli(capfd, "verify", embedded_copy)[0] == 0
 
 
